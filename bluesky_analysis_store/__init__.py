@@ -1,0 +1,48 @@
+"""Derived data from bluesky runs, saved as child runs with provenance in an analysis store."""
+
+from ._composer import RunComposer, compose_documents
+from ._errors import (
+    AnalysisStoreError,
+    AssetLocationError,
+    DataKeyError,
+    DataValueError,
+    FormatRegistryError,
+    MetadataError,
+    ProvenanceError,
+    RunNotFoundError,
+    WriterRootError,
+)
+from ._provenance import code_record, environment_record, make_provenance
+from ._store import STORE_ENV, AnalysisStore
+from ._writer_specs import DATA_ROOT_ENV
+from .formats import FileFormat, FormatRegistry, Handler, Writer, formats
+
+__all__ = [
+    # Composing and saving runs
+    "AnalysisStore",
+    "RunComposer",
+    "compose_documents",
+    # Provenance
+    "code_record",
+    "environment_record",
+    "make_provenance",
+    # File formats
+    "FileFormat",
+    "FormatRegistry",
+    "Handler",
+    "Writer",
+    "formats",
+    # Configuration
+    "DATA_ROOT_ENV",
+    "STORE_ENV",
+    # Errors
+    "AnalysisStoreError",
+    "AssetLocationError",
+    "DataKeyError",
+    "DataValueError",
+    "FormatRegistryError",
+    "MetadataError",
+    "ProvenanceError",
+    "RunNotFoundError",
+    "WriterRootError",
+]

@@ -1,0 +1,358 @@
+"""Turning derived values into the documents of one complete bluesky run.
+
+:class:`RunComposer` builds a run incrementally (the live callback feeds it one event at a
+time); :func:`compose_documents` is DBEP 6's batch API on top of it. Both stand on
+event-model's composers, which keep ``seq_num`` per stream, check event keys against the
+descriptor, number datums and count events for the stop document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time as ttime
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
+
+import event_model
+from event_model import DocumentNames, schema_validators
+
+from ._data_keys import check_data_key, describe_value, merge_data_key, normalise_value
+from ._errors import AnalysisStoreError, DataKeyError, DataValueError, MetadataError
+from ._provenance import make_provenance
+from ._writer_specs import WriterSpec, ensure_writable_root, resolve_writers
+
+__all__ = ["AssetDocuments", "RunComposer", "compose_documents"]
+
+AssetDocuments = Literal["stream", "resource"]
+Document = tuple[str, dict[str, Any]]
+
+# Keys the package fills itself in a child run's start document.
+RESERVED_START_KEYS = frozenset({"uid", "time", "parent_uids", "provenance"})
+
+
+def check_metadata(md: Mapping[str, Any] | None) -> dict[str, Any]:
+    md = dict(md or {})
+    if taken := RESERVED_START_KEYS & md.keys():
+        raise MetadataError(
+            f"metadata may not set {sorted(taken)}: the package fills them from the provenance"
+        )
+    try:
+        json.dumps(md, allow_nan=True)
+    except (TypeError, ValueError) as error:
+        raise MetadataError(f"metadata is not JSON-serialisable: {error}") from error
+    return md
+
+
+class _FileKey:
+    """The open writer and asset composer of one data key of one stream."""
+
+    def __init__(self, writer: Any, datum_factory: Any, resource_doc: dict[str, Any]) -> None:
+        self.writer = writer
+        self.compose_datum = datum_factory
+        self.resource_doc = resource_doc
+        self.index = 0
+
+
+class _Stream:
+    def __init__(self, bundle: Any, data_keys: dict[str, dict[str, Any]]) -> None:
+        self.bundle = bundle
+        self.data_keys = data_keys
+        self.file_keys: dict[str, _FileKey] = {}
+
+
+class RunComposer:
+    """Compose the documents of one run, event by event, writing file-backed keys on the way.
+
+    Each method returns the documents it made, in the order a consumer must see them. Data
+    keys named in ``writers`` are written through their writer and referenced from the
+    events (``stream_resource``/``stream_datum`` or ``resource``/``datum``); every other key
+    goes inline. ``close`` (or ``stop``) releases the writers.
+    """
+
+    def __init__(
+        self,
+        start_metadata: Mapping[str, Any],
+        writers: Mapping[str, WriterSpec] | None = None,
+        *,
+        asset_documents: AssetDocuments = "stream",
+        uid: str | None = None,
+        time: float | None = None,
+        validate: bool = True,
+    ) -> None:
+        if asset_documents not in ("stream", "resource"):
+            raise AnalysisStoreError(
+                f"asset_documents must be 'stream' or 'resource', not {asset_documents!r}"
+            )
+        self._writers = dict(writers or {})
+        self._asset_documents = asset_documents
+        self._validate = validate
+        self._bundle = event_model.compose_run(
+            uid=uid, time=time, metadata=dict(start_metadata), validate=validate
+        )
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+
+    @property
+    def start_doc(self) -> dict[str, Any]:
+        return self._bundle.start_doc
+
+    @property
+    def uid(self) -> str:
+        return self._bundle.start_doc["uid"]
+
+    def start(self) -> list[Document]:
+        return [("start", self._bundle.start_doc)]
+
+    def data_keys(self, stream: str) -> dict[str, dict[str, Any]] | None:
+        known = self._streams.get(stream)
+        return known.data_keys if known else None
+
+    def declare_stream(
+        self, stream: str, data_keys: Mapping[str, Mapping[str, Any]]
+    ) -> list[Document]:
+        """Emit the descriptor of ``stream``; ``data_keys`` describe the values to come."""
+        if stream in self._streams:
+            raise AnalysisStoreError(f"stream {stream!r} is already declared")
+        described = {}
+        for key, data_key in data_keys.items():
+            described[check_data_key(key)] = dict(data_key)
+            if key in self._writers:
+                described[key]["external"] = (
+                    "STREAM:" if self._asset_documents == "stream" else "FILESTORE:"
+                )
+        bundle = self._bundle.compose_descriptor(
+            name=stream, data_keys=described, validate=self._validate
+        )
+        self._streams[stream] = _Stream(bundle, described)
+        return [("descriptor", bundle.descriptor_doc)]
+
+    def event(
+        self,
+        stream: str,
+        data: Mapping[str, Any],
+        *,
+        timestamps: Mapping[str, float] | None = None,
+        time: float | None = None,
+    ) -> list[Document]:
+        """Write the file-backed values of one event and return its documents."""
+        if self._stopped:
+            raise AnalysisStoreError("the run is already stopped")
+        values = {check_data_key(k): normalise_value(k, v) for k, v in data.items()}
+        docs: list[Document] = []
+        known = self._streams.get(stream)
+        if known is None:
+            docs += self.declare_stream(
+                stream, {k: describe_value(v) for k, v in values.items()}
+            )
+            known = self._streams[stream]
+        else:
+            self._check_against_descriptor(stream, known, values)
+
+        now = ttime.time() if time is None else time
+        event_data: dict[str, Any] = {}
+        filled: dict[str, bool] = {}
+        seq_num = self._bundle.compose_stop.event_counters.get(stream, 1)
+        for key, value in values.items():
+            if key not in self._writers:
+                event_data[key] = value
+                continue
+            file_key = known.file_keys.get(key) or self._open_file_key(stream, known, key, docs)
+            datum_kwargs = file_key.writer(value)
+            if self._asset_documents == "stream":
+                docs.append(
+                    (
+                        "stream_datum",
+                        file_key.compose_datum(
+                            indices={"start": file_key.index, "stop": file_key.index + 1},
+                            seq_nums={"start": seq_num, "stop": seq_num + 1},
+                            descriptor=known.bundle.descriptor_doc,
+                            validate=self._validate,
+                        ),
+                    )
+                )
+            else:
+                datum = file_key.compose_datum(datum_kwargs=datum_kwargs, validate=self._validate)
+                docs.append(("datum", datum))
+                event_data[key] = datum["datum_id"]
+                filled[key] = False
+            file_key.index += 1
+        stamps = dict(timestamps) if timestamps else {}
+        event = known.bundle.compose_event(
+            data=event_data,
+            timestamps={k: stamps.get(k, now) for k in event_data},
+            filled=filled,
+            time=now,
+            validate=self._validate,
+        )
+        docs.append(("event", event))
+        return docs
+
+    def stop(self, exit_status: str = "success", reason: str = "", **extra: Any) -> list[Document]:
+        """Close the writers and return the stop document (``extra`` goes into it)."""
+        self.close()
+        self._stopped = True
+        stop = self._bundle.compose_stop(
+            exit_status=exit_status, reason=reason, validate=False
+        )
+        stop = {**stop, **extra}
+        if self._validate:
+            schema_validators[DocumentNames.stop].validate(stop)
+        return [("stop", stop)]
+
+    def close(self) -> None:
+        for known in self._streams.values():
+            for file_key in known.file_keys.values():
+                file_key.writer.close()
+            known.file_keys.clear()
+
+    def _check_against_descriptor(
+        self, stream: str, known: _Stream, values: Mapping[str, Any]
+    ) -> None:
+        if set(values) != set(known.data_keys):
+            raise DataKeyError(
+                f"stream {stream!r} was declared with keys {sorted(known.data_keys)}, "
+                f"this event has {sorted(values)}"
+            )
+        for key, value in values.items():
+            declared = known.data_keys[key]
+            new = describe_value(value)
+            if declared["shape"] == new["shape"] and declared["dtype_numpy"] == new["dtype_numpy"]:
+                continue
+            merged = merge_data_key(key, declared, new, to_file=key in self._writers)
+            if merged["shape"] != declared["shape"] or merged["dtype"] != declared["dtype"]:
+                # The descriptor is already out; it cannot be widened after the fact.
+                raise DataValueError(
+                    f"{key!r} in stream {stream!r} was declared {declared['dtype']} of shape "
+                    f"{tuple(declared['shape'])}; this value is {new['dtype']} of shape "
+                    f"{tuple(new['shape'])}"
+                )
+
+    def _open_file_key(self, stream: str, known: _Stream, key: str, docs: list[Document]) -> _FileKey:
+        spec = self._writers[key]
+        root = ensure_writable_root(spec.root)
+        stem = f"{self.uid}/{stream}/{key}"
+        resource_path, resource_kwargs = spec.resource(
+            {"start": self.start_doc, "descriptor": known.bundle.descriptor_doc}, key, stem
+        )
+        full_path = os.path.join(root, resource_path)
+        writer = spec.writer(full_path, **resource_kwargs)
+        if self._asset_documents == "stream":
+            if spec.file_format is None:
+                raise AnalysisStoreError(
+                    f"{key!r} uses writer {spec.writer.__qualname__} with spec {spec.spec!r}, "
+                    "which no registered format describes to tiled; register a FileFormat "
+                    "for it or use asset_documents='resource'"
+                )
+            frame_shape = tuple(known.data_keys[key]["shape"])
+            parameters = spec.file_format.stream_parameters(resource_kwargs, frame_shape)
+            bundle = self._bundle.compose_stream_resource(
+                mimetype=spec.file_format.mimetype,
+                uri=spec.file_format.stream_uri(full_path),
+                data_key=key,
+                parameters=parameters,
+                validate=self._validate,
+            )
+            docs.append(("stream_resource", bundle.stream_resource_doc))
+            file_key = _FileKey(writer, bundle.compose_stream_datum, bundle.stream_resource_doc)
+        else:
+            bundle = self._bundle.compose_resource(
+                spec=spec.spec,
+                root=root,
+                resource_path=resource_path,
+                resource_kwargs=resource_kwargs,
+                validate=self._validate,
+            )
+            docs.append(("resource", bundle.resource_doc))
+            file_key = _FileKey(writer, bundle.compose_datum, bundle.resource_doc)
+        known.file_keys[key] = file_key
+        return file_key
+
+
+def _plan_streams(
+    data_dicts: list[Mapping[str, Mapping[str, Any]]], writers: Mapping[str, WriterSpec]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Check every value and return the data keys of each stream, before anything is written."""
+    streams: dict[str, dict[str, dict[str, Any]]] = {}
+    for n, by_stream in enumerate(data_dicts):
+        if not isinstance(by_stream, Mapping):
+            raise AnalysisStoreError(
+                f"data_dicts[{n}] must map stream names to data, not {type(by_stream).__name__}"
+            )
+        for stream, data in by_stream.items():
+            if not isinstance(stream, str) or not stream:
+                raise AnalysisStoreError(f"data_dicts[{n}] has an invalid stream name {stream!r}")
+            if not isinstance(data, Mapping):
+                raise AnalysisStoreError(
+                    f"data_dicts[{n}][{stream!r}] must map data keys to values"
+                )
+            keys = streams.get(stream)
+            if keys is not None and set(keys) != set(data):
+                raise DataKeyError(
+                    f"data_dicts[{n}][{stream!r}] has keys {sorted(data)}, earlier events of "
+                    f"that stream have {sorted(keys)}"
+                )
+            keys = streams.setdefault(stream, {})
+            for key, value in data.items():
+                described = describe_value(normalise_value(check_data_key(key), value))
+                keys[key] = (
+                    merge_data_key(key, keys[key], described, to_file=key in writers)
+                    if key in keys
+                    else described
+                )
+    return streams
+
+
+def compose_documents(
+    data_dicts: Iterable[Mapping[str, Mapping[str, Any]]],
+    md: Mapping[str, Any] | None,
+    writers_dict: Mapping[str, Any] | None = None,
+    *,
+    parents: Any = (),
+    files: Any = (),
+    code: Any = None,
+    root: str | os.PathLike[str] | None = None,
+    asset_documents: AssetDocuments = "stream",
+    strict: bool = True,
+) -> Iterator[Document]:
+    """Yield ``(name, doc)`` for one complete run holding ``data_dicts``.
+
+    ``data_dicts[n][stream_name][data_key]`` is one value. ``md`` goes into the start
+    document, next to ``parent_uids`` and ``provenance`` (see :func:`make_provenance` for
+    ``parents``, ``files``, ``code`` and ``strict``). Keys in ``writers_dict`` are written to
+    files under ``root``; the rest go inline. Every input is checked before the first file is
+    written, so a refused run leaves nothing behind.
+    """
+    data_dicts = list(data_dicts)
+    metadata = check_metadata(md)
+    writers = resolve_writers(writers_dict, root)
+    planned = _plan_streams(data_dicts, writers)
+    used_roots = {
+        writers[key].root for keys in planned.values() for key in keys if key in writers
+    }
+    for used_root in sorted(used_roots):
+        ensure_writable_root(used_root)
+    parent_uids, provenance = make_provenance(parents, files, code, strict=strict)
+    composer = RunComposer(
+        {**metadata, "parent_uids": parent_uids, "provenance": provenance},
+        writers,
+        asset_documents=asset_documents,
+    )
+    return _emit(composer, data_dicts, planned)
+
+
+def _emit(
+    composer: RunComposer,
+    data_dicts: list[Mapping[str, Mapping[str, Any]]],
+    planned: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> Iterator[Document]:
+    try:
+        yield from composer.start()
+        for by_stream in data_dicts:
+            for stream, data in by_stream.items():
+                if composer.data_keys(stream) is None:
+                    yield from composer.declare_stream(stream, planned[stream])
+                yield from composer.event(stream, data)
+        yield from composer.stop("success")
+    finally:
+        composer.close()

@@ -1,0 +1,57 @@
+"""The package's exceptions: one base, each paired with the builtin it refines."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnalysisStoreError",
+    "AssetLocationError",
+    "DataKeyError",
+    "DataValueError",
+    "FormatRegistryError",
+    "MetadataError",
+    "ProvenanceError",
+    "RunNotFoundError",
+    "WriterRootError",
+]
+
+
+class AnalysisStoreError(Exception):
+    """Base of every error raised by bluesky-analysis-store."""
+
+
+class DataKeyError(AnalysisStoreError, ValueError):
+    """A data key that cannot name a column: contains ``/`` or ``.``, or is reserved."""
+
+
+class DataValueError(AnalysisStoreError, ValueError):
+    """A value that cannot be stored: dtype object, or a shape that changes within a stream."""
+
+
+class MetadataError(AnalysisStoreError, TypeError):
+    """Metadata that is not JSON-serialisable, or that overwrites a reserved start-document key."""
+
+
+class WriterRootError(AnalysisStoreError, OSError):
+    """A writer root that is not a writable folder."""
+
+
+class AssetLocationError(AnalysisStoreError, PermissionError):
+    """An asset file outside the folders the analysis store may read."""
+
+
+class FormatRegistryError(AnalysisStoreError, KeyError):
+    """An unknown format, or a second, different class registered under a taken name."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ProvenanceError(AnalysisStoreError, ValueError):
+    """The provenance needed to trust a derived run is missing or cannot be recorded."""
+
+
+class RunNotFoundError(AnalysisStoreError, KeyError):
+    """No run with that uid in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

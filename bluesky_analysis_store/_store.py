@@ -1,0 +1,223 @@
+"""The analysis store: a databroker 2 / tiled catalog of derived runs.
+
+By default an embedded SQLite catalog in a folder, served inside the process (no server, no
+network); :meth:`AnalysisStore.from_uri` talks to a tiled server instead, for a facility
+that shares one (PostgreSQL behind it). Tiled is imported on first use: it takes seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from ._composer import compose_documents
+from ._errors import AssetLocationError, RunNotFoundError
+
+__all__ = ["STORE_ENV", "AnalysisStore", "default_store_location"]
+
+logger = logging.getLogger(__name__)
+
+STORE_ENV = "BLUESKY_ANALYSIS_STORE"
+"""Environment variable naming the store: a folder, or the http(s) URI of a tiled server."""
+
+_CATALOG_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
+
+
+def default_store_location() -> str:
+    return os.environ.get(STORE_ENV) or "analysis-store"
+
+
+def _is_inside(path: str, folders: Iterable[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(
+        os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder)
+        for folder in folders
+    )
+
+
+def _asset_paths(name: str, doc: Mapping[str, Any]) -> list[str]:
+    if name == "stream_resource":
+        parsed = urlparse(doc["uri"])
+        return [unquote(parsed.path)] if parsed.scheme in ("file", "") else []
+    if name == "resource":
+        return [os.path.join(doc.get("root", ""), doc["resource_path"])]
+    return []
+
+
+class AnalysisStore:
+    """A catalog of bluesky runs that derived data is saved into.
+
+    The store is a document callback: ``store(name, doc)`` saves a run's documents, so
+    ``RE.subscribe(store)`` records runs directly. ``store[uid]`` reads a run back (a tiled
+    ``BlueskyRun``), :meth:`save` composes and saves a run from arrays, :meth:`children`
+    finds the derived runs of a raw run. Use :meth:`open` or :meth:`from_uri` to make one.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        asset_root: str | os.PathLike[str] | None = None,
+        readable_roots: Sequence[str | os.PathLike[str]] | None = None,
+        location: str | None = None,
+        flush_interval: float = 0.5,
+    ) -> None:
+        from ._tiled_writing import FlushingTiledWriter
+
+        self._client = client
+        self._writer = FlushingTiledWriter(client, flush_interval=flush_interval)
+        self.asset_root = os.path.abspath(asset_root) if asset_root is not None else None
+        self.readable_roots = (
+            [os.path.abspath(r) for r in readable_roots] if readable_roots is not None else None
+        )
+        self.location = location
+
+    # --- making one ---------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        readable: Sequence[str | os.PathLike[str]] = (),
+        flush_interval: float = 0.5,
+    ) -> AnalysisStore:
+        """Open the embedded store in folder ``path``, creating it if needed.
+
+        ``path`` defaults to ``$BLUESKY_ANALYSIS_STORE``, else ``./analysis-store``. Derived
+        files go under ``<path>/assets``; ``readable`` adds folders whose files the store may
+        also serve (raw data referenced by runs saved here).
+        """
+        from tiled.catalog import from_uri
+        from tiled.client import Context, from_context
+        from tiled.server.app import build_app
+
+        location = os.fspath(path) if path is not None else default_store_location()
+        if location.startswith(("http://", "https://")):
+            return cls.from_uri(location)
+        folder = Path(location).absolute()
+        assets = folder / "assets"
+        assets.mkdir(parents=True, exist_ok=True)
+        (folder / "data").mkdir(exist_ok=True)
+        readable_roots = [str(assets), *(os.path.abspath(r) for r in readable)]
+        adapter = from_uri(
+            f"sqlite:///{folder / 'catalog.db'}",
+            init_if_not_exists=True,
+            specs=_CATALOG_SPECS,
+            writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
+            readable_storage=readable_roots,
+        )
+        client = from_context(Context.from_app(build_app(adapter)))
+        return cls(
+            client,
+            asset_root=assets,
+            readable_roots=readable_roots,
+            location=str(folder),
+            flush_interval=flush_interval,
+        )
+
+    @classmethod
+    def from_uri(
+        cls,
+        uri: str,
+        api_key: str | None = None,
+        *,
+        asset_root: str | os.PathLike[str] | None = None,
+        readable_roots: Sequence[str | os.PathLike[str]] | None = None,
+        flush_interval: float = 0.5,
+    ) -> AnalysisStore:
+        """Connect to a tiled server holding a catalog of bluesky runs.
+
+        ``asset_root`` is where :meth:`save` writes files (it must be readable by the
+        server); ``readable_roots``, when given, are checked before an asset is saved.
+        """
+        from tiled.client import from_uri
+
+        client = from_uri(uri, api_key=api_key)
+        return cls(
+            client,
+            asset_root=asset_root,
+            readable_roots=readable_roots,
+            location=uri,
+            flush_interval=flush_interval,
+        )
+
+    # --- writing ------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The tiled client of the catalog."""
+        return self._client
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        """Save one document; asset files outside the store's readable folders are refused."""
+        self.check_asset_location(name, doc)
+        self._writer(name, doc)
+
+    def check_asset_location(self, name: str, doc: Mapping[str, Any]) -> None:
+        if self.readable_roots is None:
+            return
+        for path in _asset_paths(name, doc):
+            if not _is_inside(path, self.readable_roots):
+                raise AssetLocationError(
+                    f"{name} {doc.get('uid', '')} points at {path!r}, outside the folders this "
+                    f"store may read ({', '.join(self.readable_roots)}); write derived files "
+                    "under the store's asset folder or open the store with readable=[...]"
+                )
+
+    def flush(self) -> None:
+        """Write rows buffered for open runs, so readers see them now."""
+        self._writer.flush()
+
+    def save(
+        self,
+        data_dicts: Iterable[Mapping[str, Mapping[str, Any]]],
+        md: Mapping[str, Any] | None,
+        writers_dict: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Compose a run (see :func:`compose_documents`), save it and return its uid.
+
+        Files go under the store's asset folder unless ``root`` is given. The whole run is
+        composed and checked before its first document reaches the catalog.
+        """
+        kwargs.setdefault("root", self.asset_root)
+        documents = list(compose_documents(data_dicts, md, writers_dict, **kwargs))
+        for name, doc in documents:
+            self.check_asset_location(name, doc)
+        for name, doc in documents:
+            self._writer(name, doc)
+        return documents[0][1]["uid"]
+
+    # --- reading ------------------------------------------------------------------------
+
+    def __getitem__(self, uid: str) -> Any:
+        try:
+            return self._client[uid]
+        except KeyError:
+            raise RunNotFoundError(f"no run {uid!r} in the analysis store") from None
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, str) and uid in self._client
+
+    def __len__(self) -> int:
+        return len(self._client)
+
+    def search(self, query: Any) -> Any:
+        """Runs matching a tiled query (``tiled.queries``)."""
+        return self._client.search(query)
+
+    def children(self, parent_uid: str) -> list[str]:
+        """Uids of the runs derived from ``parent_uid``, newest first."""
+        from tiled.queries import Contains
+
+        results = self._client.search(Contains("parent_uids", parent_uid))
+        starts = [(run.start.get("time", 0), uid) for uid, run in results.items()]
+        return [uid for _, uid in sorted(starts, reverse=True)]
+
+    def __repr__(self) -> str:
+        return f"<AnalysisStore {self.location or self._client!r}>"

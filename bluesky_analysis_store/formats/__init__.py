@@ -1,0 +1,28 @@
+"""Writer/handler pairs, one format per module, and the registry that finds them."""
+
+from ._base import FileFormat, Handler, Writer
+from ._registry import ENTRY_POINT_GROUP, FormatRegistry, formats
+from .hdf5 import HDF5_FORMAT, HDF5DatasetHandler, HDF5DatasetWriter
+from .npy import NPY_FORMAT, NPYSeriesHandler, NPYSeriesWriter
+from .tiff import TIFF_FORMAT, TIFFSeriesHandler, TIFFSeriesWriter
+
+__all__ = [
+    # The contract
+    "FileFormat",
+    "Handler",
+    "Writer",
+    # The registry
+    "ENTRY_POINT_GROUP",
+    "FormatRegistry",
+    "formats",
+    # The formats shipped with the package
+    "HDF5_FORMAT",
+    "HDF5DatasetHandler",
+    "HDF5DatasetWriter",
+    "NPY_FORMAT",
+    "NPYSeriesHandler",
+    "NPYSeriesWriter",
+    "TIFF_FORMAT",
+    "TIFFSeriesHandler",
+    "TIFFSeriesWriter",
+]

@@ -1,0 +1,88 @@
+"""The writer/handler contract and the description of one file format.
+
+The contract (DBEP 6): a writer is built with exactly the keyword arguments that the
+handler's resource holds, ``writer(full_path, **resource_kwargs)``; calling it with one
+value writes that value and returns the datum kwargs with which
+``handler(full_path, **resource_kwargs)(**datum_kwargs)`` returns it again, dtype and shape
+preserved. ``full_path`` is ``os.path.join(root, resource_path)``, as event-model's Filler
+builds it, so the resource path stays relative to a root that can be relocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["FileFormat", "Handler", "Writer"]
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """Writes the values of one data key of one stream, frame after frame."""
+
+    def __call__(self, value: np.ndarray) -> dict[str, Any]:
+        """Write one value; return the datum kwargs that read it back."""
+        ...
+
+    def close(self) -> None:
+        """Release open files; further calls are an error."""
+        ...
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """Reads back what the matching writer wrote (databroker/event-model handler API)."""
+
+    def __call__(self, **datum_kwargs: Any) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """Everything needed to write one data key to files and to read it back two ways.
+
+    ``resource_path`` and ``resource_kwargs`` describe the files for a handler; ``mimetype``,
+    ``stream_uri`` and ``stream_parameters`` describe the same files to tiled, which reads
+    ``stream_resource`` documents without handlers.
+    """
+
+    name: str
+    """Short name used in ``writers_dict`` (``"TIFF"``)."""
+    spec: str
+    """The resource spec, the key of the handler in ``databroker.handlers``."""
+    writer: type
+    """Class following the :class:`Writer` contract."""
+    handler: type
+    """Class following the :class:`Handler` contract."""
+    mimetype: str
+    """The mimetype tiled's adapters read these files with."""
+    suffix: str
+    """Added to the stem ``<run uid>/<stream>/<data key>`` to give the resource path."""
+    default_resource_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Resource kwargs the writer and the handler are built with."""
+
+    def resource_path(self, stem: str) -> str:
+        return stem + self.suffix
+
+    def stream_uri(self, full_path: str) -> str:
+        """The ``file://`` URI tiled resolves ``full_path`` by."""
+        uri = "file://localhost" + _posix_absolute(full_path)
+        return uri + "/" if self.suffix.endswith("/") else uri
+
+    def stream_parameters(
+        self, resource_kwargs: Mapping[str, Any], frame_shape: tuple[int, ...]
+    ) -> dict[str, Any]:
+        """Parameters of the ``stream_resource``: tiled's adapter arguments, one frame a datum."""
+        params = dict(resource_kwargs)
+        params["chunk_shape"] = [1, *frame_shape]
+        return params
+
+
+def _posix_absolute(path: str) -> str:
+    import os
+    from pathlib import Path
+
+    absolute = os.path.abspath(path)
+    return Path(absolute).as_posix() + ("/" if path.endswith(("/", os.sep)) else "")
