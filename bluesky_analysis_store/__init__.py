@@ -1,5 +1,6 @@
 """Derived data from bluesky runs, saved as child runs with provenance in an analysis store."""
 
+from ._callback import AnalysisStoreCallback
 from ._composer import RunComposer, compose_documents
 from ._errors import (
     AnalysisStoreError,
@@ -13,11 +14,15 @@ from ._errors import (
     WriterRootError,
 )
 from ._provenance import code_record, environment_record, make_provenance
+from ._reducers import Reducer
 from ._store import STORE_ENV, AnalysisStore
 from ._writer_specs import DATA_ROOT_ENV
 from .formats import FileFormat, FormatRegistry, Handler, Writer, formats
 
 __all__ = [
+    # Live and offline reduction
+    "AnalysisStoreCallback",
+    "Reducer",
     # Composing and saving runs
     "AnalysisStore",
     "RunComposer",

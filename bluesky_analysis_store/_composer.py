@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import event_model
+import numpy as np
 from event_model import DocumentNames, schema_validators
 
 from ._data_keys import check_data_key, describe_value, merge_data_key, normalise_value
@@ -66,8 +67,9 @@ class RunComposer:
 
     Each method returns the documents it made, in the order a consumer must see them. Data
     keys named in ``writers`` are written through their writer and referenced from the
-    events (``stream_resource``/``stream_datum`` or ``resource``/``datum``); every other key
-    goes inline. ``close`` (or ``stop``) releases the writers.
+    events (``stream_resource``/``stream_datum`` or ``resource``/``datum``); so are numeric
+    arrays when ``array_writer`` is given, except ``inline_keys``. Every other key goes
+    inline. ``close`` (or ``stop``) releases the writers.
     """
 
     def __init__(
@@ -79,12 +81,16 @@ class RunComposer:
         uid: str | None = None,
         time: float | None = None,
         validate: bool = True,
+        array_writer: WriterSpec | None = None,
+        inline_keys: Iterable[str] = (),
     ) -> None:
         if asset_documents not in ("stream", "resource"):
             raise AnalysisStoreError(
                 f"asset_documents must be 'stream' or 'resource', not {asset_documents!r}"
             )
         self._writers = dict(writers or {})
+        self._array_writer = array_writer
+        self._inline_keys = frozenset(inline_keys)
         self._asset_documents = asset_documents
         self._validate = validate
         self._bundle = event_model.compose_run(
@@ -117,6 +123,8 @@ class RunComposer:
         described = {}
         for key, data_key in data_keys.items():
             described[check_data_key(key)] = dict(data_key)
+            if self._writes_by_default(key, data_key):
+                self._writers[key] = self._array_writer
             if key in self._writers:
                 described[key]["external"] = (
                     "STREAM:" if self._asset_documents == "stream" else "FILESTORE:"
@@ -205,6 +213,16 @@ class RunComposer:
             for file_key in known.file_keys.values():
                 file_key.writer.close()
             known.file_keys.clear()
+
+    def _writes_by_default(self, key: str, data_key: Mapping[str, Any]) -> bool:
+        """Numeric arrays go to ``array_writer`` unless a writer or inline is asked for."""
+        return (
+            self._array_writer is not None
+            and key not in self._writers
+            and key not in self._inline_keys
+            and bool(data_key["shape"])
+            and np.dtype(data_key["dtype_numpy"]).kind in "biuf"
+        )
 
     def _check_against_descriptor(
         self, stream: str, known: _Stream, values: Mapping[str, Any]

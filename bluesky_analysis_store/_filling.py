@@ -1,0 +1,146 @@
+"""Loading raw event data stored outside the events, before reducers see it.
+
+Legacy ``resource``/``datum`` go through event-model's ``Filler`` with the handlers found
+through the ``databroker.handlers`` entry points (ophyd.sim's ``NPY_SEQ``,
+area-detector-handlers, this package's formats). event-model has no filler for
+``stream_resource``/``stream_datum`` (what ophyd-async detectors emit), so those are read
+here, file by file, from the mimetype and parameters tiled would use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from event_model import DocumentRouter, Filler
+
+from .formats import formats
+
+__all__ = ["EventFiller", "HANDLER_ENTRY_POINT_GROUP", "handler_registry"]
+
+logger = logging.getLogger(__name__)
+
+HANDLER_ENTRY_POINT_GROUP = "databroker.handlers"
+
+
+@functools.cache
+def _entry_point_handlers() -> dict[str, type]:
+    handlers: dict[str, type] = {}
+    for entry_point in entry_points(group=HANDLER_ENTRY_POINT_GROUP):
+        try:
+            handlers[entry_point.name] = entry_point.load()
+        except Exception as error:  # one broken plugin must not hide the others
+            logger.warning("handler %s could not be loaded: %s", entry_point.name, error)
+    return handlers
+
+
+def handler_registry(extra: Mapping[str, type] | None = None) -> dict[str, type]:
+    """Handlers by spec: the ``databroker.handlers`` entry points, this package's formats
+    and ``extra`` (which wins)."""
+    return {**_entry_point_handlers(), **formats.handler_registry(), **(extra or {})}
+
+
+def _uri_path(uri: str) -> str:
+    return unquote(urlparse(uri).path)
+
+
+def _read_stream_frame(resource: Mapping[str, Any], index: int) -> np.ndarray:
+    """Frame ``index`` of the files a ``stream_resource`` describes."""
+    from bluesky_tiled_plugins.utils import compile_template
+
+    mimetype = resource["mimetype"]
+    params = resource.get("parameters", {})
+    path = _uri_path(resource["uri"])
+    if mimetype == "application/x-hdf5" and not params.get("template"):
+        import h5py
+
+        with h5py.File(path, "r", locking=False, swmr=bool(params.get("swmr", False))) as file:
+            return np.asarray(file[params["dataset"]][index])
+    if mimetype.startswith("multipart/related"):
+        template = params.get("template")
+        if mimetype == "multipart/related;type=application/x-npy":
+            template = "%s_%d.npy"  # tiled's NPY consolidator fixes this naming too
+        if template is None:
+            raise ValueError(f"stream_resource {resource['uid']} has no filename template")
+        name = compile_template(template, params.get("filename", "")).format(index)
+        frame_path = _uri_path(resource["uri"] + name)
+        if mimetype.endswith("image/tiff"):
+            import tifffile
+
+            return tifffile.imread(frame_path)
+        if mimetype.endswith("application/x-npy"):
+            return np.load(frame_path, allow_pickle=False)
+    for fmt in formats:  # a format registered by a plugin, read through its handler
+        if fmt.mimetype == mimetype:
+            kwargs = {k: v for k, v in params.items() if k in fmt.default_resource_kwargs}
+            return np.asarray(fmt.handler(path, **kwargs)(index=index))
+    raise ValueError(f"no reader for stream_resource mimetype {mimetype!r}")
+
+
+class EventFiller(DocumentRouter):
+    """Feed it every document of one run; :meth:`fill` returns an event's data, loaded."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, type] | None = None,
+        root_map: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._filler = Filler(
+            dict(handlers if handlers is not None else handler_registry()),
+            root_map=dict(root_map or {}),
+            inplace=False,
+        )
+        self._stream_resources: dict[str, dict[str, Any]] = {}
+        # (descriptor uid, seq_num) -> {data key: (stream_resource uid, index)}
+        self._stream_frames: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+
+    def start(self, doc: dict[str, Any]) -> None:
+        self._filler("start", doc)
+
+    def descriptor(self, doc: dict[str, Any]) -> None:
+        self._filler("descriptor", doc)
+
+    def resource(self, doc: dict[str, Any]) -> None:
+        self._filler("resource", doc)
+
+    def datum(self, doc: dict[str, Any]) -> None:
+        self._filler("datum", doc)
+
+    def datum_page(self, doc: dict[str, Any]) -> None:
+        self._filler("datum_page", doc)
+
+    def stream_resource(self, doc: dict[str, Any]) -> None:
+        self._stream_resources[doc["uid"]] = doc
+
+    def stream_datum(self, doc: dict[str, Any]) -> None:
+        resource = self._stream_resources.get(doc["stream_resource"])
+        if resource is None:
+            logger.warning("stream_datum %s refers to an unknown stream_resource", doc["uid"])
+            return
+        seq_start, seq_stop = doc["seq_nums"]["start"], doc["seq_nums"]["stop"]
+        first_index = doc["indices"]["start"]
+        for offset, seq_num in enumerate(range(seq_start, seq_stop)):
+            frames = self._stream_frames.setdefault((doc["descriptor"], seq_num), {})
+            frames[resource["data_key"]] = (resource["uid"], first_index + offset)
+
+    def fill(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The event's data with every external value loaded (a new dict)."""
+        _, filled = self._filler("event", event)
+        data = dict(filled["data"])
+        frames = self._stream_frames.pop((event["descriptor"], event["seq_num"]), {})
+        for data_key, (resource_uid, index) in frames.items():
+            data[data_key] = _read_stream_frame(self._stream_resources[resource_uid], index)
+        return data
+
+    def stop(self, doc: dict[str, Any]) -> None:
+        self._filler("stop", doc)
+
+    def close(self) -> None:
+        self._filler.close()
