@@ -15,6 +15,8 @@ from ._errors import (
 )
 from ._provenance import code_record, environment_record, make_provenance
 from ._reducers import Reducer
+from ._reprocess import ReprocessReport, reprocess
+from ._reproduce import ReproduceReport, reproduce
 from ._store import STORE_ENV, AnalysisStore
 from ._writer_specs import DATA_ROOT_ENV
 from .formats import FileFormat, FormatRegistry, Handler, Writer, formats
@@ -23,6 +25,10 @@ __all__ = [
     # Live and offline reduction
     "AnalysisStoreCallback",
     "Reducer",
+    "ReprocessReport",
+    "ReproduceReport",
+    "reprocess",
+    "reproduce",
     # Composing and saving runs
     "AnalysisStore",
     "RunComposer",

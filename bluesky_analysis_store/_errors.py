@@ -8,6 +8,7 @@ __all__ = [
     "DataKeyError",
     "DataValueError",
     "FormatRegistryError",
+    "IngestError",
     "MetadataError",
     "ProvenanceError",
     "RunNotFoundError",
@@ -55,3 +56,8 @@ class RunNotFoundError(AnalysisStoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class IngestError(AnalysisStoreError, ValueError):
+    """An input that ingest cannot take: a missing path, an unsupported file type, an empty
+    folder, an HDF5 dataset that is not in its file, or a stream name already taken."""

@@ -140,6 +140,13 @@ def _git_state(folder: str) -> tuple[str, bool] | None:
     return commit, bool(changes)
 
 
+def _git_tracks(path: str) -> bool:
+    """Whether git tracks ``path``: a file merely inside a checkout (an installed package in a
+    virtualenv under it, an untracked script) is not identified by that checkout's commit."""
+    folder, name = os.path.split(path)
+    return _git(folder, "ls-files", "--error-unmatch", "--", name) is not None
+
+
 def _unwrap(obj: Any) -> Any:
     """The function or class that holds the code: partials and instances are looked through."""
     while isinstance(obj, functools.partial):
@@ -205,7 +212,11 @@ def code_record(code: Callable[..., Any] | Mapping[str, Any]) -> dict[str, Any]:
         record["version"] = dist.version
         if url := _distribution_url(dist):
             record["url"] = url
-    if source_file and (state := _git_state(os.path.dirname(source_file))):
+    if (
+        source_file
+        and _git_tracks(source_file)
+        and (state := _git_state(os.path.dirname(source_file)))
+    ):
         record["commit"], record["dirty"] = state
         record.setdefault("version", state[0])
     if "version" not in record and "sha256" in record:

@@ -90,6 +90,10 @@ class FunctionReducer(Reducer):
     def code(self) -> Any:
         return self._func
 
+    @property
+    def streams(self) -> frozenset[str]:
+        return self._streams
+
     def __deepcopy__(self, memo: dict[int, Any]) -> FunctionReducer:
         return self  # stateless: the function is shared
 
@@ -114,6 +118,8 @@ def reducer_provenance(reducer: Reducer) -> dict[str, Any]:
     record = code_record(reducer.code)
     if params := reducer.params:
         record["params"] = params
+    if isinstance(reducer, FunctionReducer):
+        record["streams"] = sorted(reducer.streams)
     return record
 
 

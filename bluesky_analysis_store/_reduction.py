@@ -31,8 +31,11 @@ logger = logging.getLogger(__name__)
 OnError = Literal["record", "raise"]
 Sink = Callable[[str, dict[str, Any]], None]
 
-# Inline keys of every child event that point back at the raw event it came from.
-PARENT_EVENT_KEYS = ("parent_event_uid", "parent_seq_num")
+# Inline key of every child event that points back at the raw event it came from: the
+# child stream has the raw stream's name, so the raw seq_num identifies the event. (The raw
+# event uid is not kept: a catalog does not store it, so an offline replay could not repeat
+# it, and live and offline child data must be identical.)
+PARENT_EVENT_KEYS = ("parent_seq_num",)
 SUMMARY_STREAM = "summary"
 # Failures kept in the child's stop document in full; the rest are only counted.
 MAX_RECORDED_FAILURES = 100
@@ -185,7 +188,7 @@ class RunReduction(DocumentRouter):
             if not derived:
                 return
             stage = "writing derived data"
-            derived.update(parent_event_uid=doc["uid"], parent_seq_num=doc["seq_num"])
+            derived["parent_seq_num"] = doc["seq_num"]
             documents = self._composer.event(stream, derived)
         except Exception as error:
             self._fail(error, stage, where)

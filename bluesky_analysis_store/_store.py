@@ -48,6 +48,18 @@ def _asset_paths(name: str, doc: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _serialization_registry() -> Any:
+    """tiled's exporters plus bluesky's document stream, so that ``run.documents()`` works."""
+    import copy
+
+    from bluesky_tiled_plugins.exporters import json_seq_exporter
+    from tiled.media_type_registration import default_serialization_registry
+
+    registry = copy.copy(default_serialization_registry)
+    registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
+    return registry
+
+
 class AnalysisStore:
     """A catalog of bluesky runs that derived data is saved into.
 
@@ -106,12 +118,14 @@ class AnalysisStore:
         readable_roots = [str(assets), *(os.path.abspath(r) for r in readable)]
         adapter = from_uri(
             f"sqlite:///{folder / 'catalog.db'}",
-            init_if_not_exists=True,
+            # Creating a catalog runs a subprocess (seconds); reopening one need not.
+            init_if_not_exists=not (folder / "catalog.db").is_file(),
             specs=_CATALOG_SPECS,
             writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
             readable_storage=readable_roots,
         )
-        client = from_context(Context.from_app(build_app(adapter)))
+        app = build_app(adapter, serialization_registry=_serialization_registry())
+        client = from_context(Context.from_app(app))
         return cls(
             client,
             asset_root=assets,
@@ -215,8 +229,14 @@ class AnalysisStore:
         """Uids of the runs derived from ``parent_uid``, newest first."""
         from tiled.queries import Contains
 
-        results = self._client.search(Contains("parent_uids", parent_uid))
-        starts = [(run.start.get("time", 0), uid) for uid, run in results.items()]
+        # TiledWriter keeps the start document under the run's "start" metadata; Contains is a
+        # substring match on the JSON text, so membership is checked again here.
+        results = self._client.search(Contains("start.parent_uids", parent_uid))
+        starts = [
+            (run.start.get("time", 0), uid)
+            for uid, run in results.items()
+            if parent_uid in (run.start.get("parent_uids") or ())
+        ]
         return [uid for _, uid in sorted(starts, reverse=True)]
 
     def __repr__(self) -> str:

@@ -1,0 +1,179 @@
+"""Offline reduction: raw runs from a catalog through the live pipeline, into the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import AnalysisStoreError, RunNotFoundError
+from ._reducers import as_reducer
+from ._reduction import ReductionPlan, RunReduction
+from ._replay import count_events, replay_run
+
+__all__ = ["ReprocessReport", "code_versions", "reprocess"]
+
+logger = logging.getLogger(__name__)
+
+_LOADING_STAGE = "loading external data"
+
+
+@dataclass
+class ReprocessReport:
+    """What became of each raw run."""
+
+    saved: dict[str, str] = field(default_factory=dict)
+    """raw uid -> uid of the new child run"""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """raw uid -> uid of the child run already made by the same code"""
+    failed: dict[str, str] = field(default_factory=dict)
+    """raw uid -> why no child run was saved"""
+
+    def __str__(self) -> str:
+        lines = [
+            f"{len(self.saved)} saved, {len(self.skipped)} already reduced, "
+            f"{len(self.failed)} failed"
+        ]
+        lines += [f"  failed {uid}: {why}" for uid, why in self.failed.items()]
+        return "\n".join(lines)
+
+
+def code_versions(code: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """What makes two reductions the same: each piece of code's name, version and params."""
+    import json
+
+    return sorted(
+        (c.get("name", ""), str(c.get("version", "")), json.dumps(c.get("params", {}), sort_keys=True))
+        for c in code
+    )
+
+
+def _client_of(source: Any) -> Any:
+    if isinstance(source, (str, os.PathLike)):
+        from ._store import AnalysisStore
+
+        return AnalysisStore.open(source).client
+    return getattr(source, "client", source)
+
+
+def _raw_uids(client: Any, uids_or_query: Any) -> list[str]:
+    if isinstance(uids_or_query, str):
+        return [uids_or_query]
+    if isinstance(uids_or_query, Iterable) and not isinstance(uids_or_query, Mapping):
+        items = list(uids_or_query)
+        if all(isinstance(u, str) for u in items):
+            return items
+        results = client
+        for query in items:
+            results = results.search(query)
+        return list(results)
+    return list(client.search(uids_or_query))
+
+
+def _already_reduced(store: Any, raw_uid: str, versions: list[tuple[str, str, str]]) -> str | None:
+    for child_uid in store.children(raw_uid):
+        child = store[child_uid]
+        if code_versions(child.start.get("provenance", {}).get("code", [])) == versions:
+            return child_uid
+    return None
+
+
+def reprocess(
+    source: Any,
+    uids_or_query: Any,
+    reducers: Iterable[Any] | Any,
+    store: Any,
+    *,
+    streams: Iterable[str] = ("primary",),
+    writers: Mapping[str, str | None] | None = None,
+    root: str | None = None,
+    md: Mapping[str, Any] | None = None,
+    force: bool = False,
+    strict: bool = True,
+    progress: bool | None = None,
+) -> ReprocessReport:
+    """Reduce saved raw runs again and save the child runs into ``store``.
+
+    ``source`` is the raw catalog: a tiled client, an :class:`AnalysisStore`, or a store
+    folder. ``uids_or_query`` is a uid, a list of uids, or tiled queries. Each run goes
+    through the same pipeline as :class:`AnalysisStoreCallback`. A run already reduced by the
+    same code (name, version and parameters) is skipped unless ``force``; nothing is ever
+    overwritten: new code gives a new child run beside the old one. A run whose data cannot
+    be read is reported in the result and skipped, and the batch goes on. ``progress``
+    shows bars over runs and events (default: when stderr is a terminal).
+    """
+    from tqdm.auto import tqdm
+
+    if callable(reducers) and not isinstance(reducers, (list, tuple)):
+        reducers = [reducers]
+    streams = tuple(streams)
+    plan = ReductionPlan.build(
+        [as_reducer(r, streams) for r in reducers],
+        writers=writers,
+        root=root if root is not None else getattr(store, "asset_root", None),
+        md=md,
+        strict=strict,
+    )
+    versions = code_versions(plan.code)
+    client = _client_of(source)
+    raw_uids = _raw_uids(client, uids_or_query)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    report = ReprocessReport()
+    for raw_uid in tqdm(raw_uids, desc="runs", unit="run", disable=not progress):
+        if not force and (existing := _already_reduced(store, raw_uid, versions)):
+            report.skipped[raw_uid] = existing
+            logger.info("run %s already reduced by this code as %s; skipped", raw_uid, existing)
+            continue
+        try:
+            report.saved[raw_uid] = _reprocess_one(client, raw_uid, plan, store, progress, tqdm)
+        except Exception as error:
+            report.failed[raw_uid] = f"{type(error).__name__}: {error}"
+            logger.error("run %s not reprocessed: %s", raw_uid, error)
+    logger.info("reprocess: %s", report)
+    return report
+
+
+def _reprocess_one(
+    client: Any, raw_uid: str, plan: ReductionPlan, store: Any, progress: bool, tqdm: Any
+) -> str:
+    try:
+        run = client[raw_uid]
+    except KeyError:
+        raise RunNotFoundError(f"no run {raw_uid!r} in the source catalog") from None
+    documents: list[tuple[str, dict[str, Any]]] = []
+    reduction = RunReduction(plan, lambda name, doc: documents.append((name, doc)))
+    bar = tqdm(total=count_events(run), desc=raw_uid[:8], unit="event", leave=False, disable=not progress)
+    try:
+        for name, doc in replay_run(run):
+            reduction(name, doc)
+            if name == "event":
+                bar.update()
+        if run.stop is None:
+            raise AnalysisStoreError("the raw run has no stop document (still running, or lost)")
+        unreadable = [f for f in reduction.failures if f["stage"] == _LOADING_STAGE]
+        if unreadable:
+            raise AnalysisStoreError(f"raw data could not be loaded: {unreadable[0]['error']}")
+    except Exception:
+        _remove_child_files(plan, reduction.child_uid)
+        raise
+    finally:
+        bar.close()
+    # The child run reaches the store only once it is complete: a failed run leaves nothing.
+    for name, doc in documents:
+        store(name, doc)
+    return reduction.child_uid or ""
+
+
+def _remove_child_files(plan: ReductionPlan, child_uid: str | None) -> None:
+    if not child_uid:
+        return
+    roots = {spec.root for spec in plan.writers.values()}
+    if plan.array_writer is not None:
+        roots.add(plan.array_writer.root)
+    for root in roots:
+        shutil.rmtree(os.path.join(root, child_uid), ignore_errors=True)
