@@ -225,7 +225,7 @@ def _kind_of(path: str) -> FileKind:
 
 
 def _supported_files(folder: str) -> list[str]:
-    names = sorted(reverse=True, iterable=
+    names = sorted(
         name
         for name in os.listdir(folder)
         if os.path.splitext(name)[1].lower() in SUPPORTED_SUFFIXES
@@ -480,7 +480,7 @@ def _lay_out(
             for index in range(len(frame_file)):
                 event = {key: values[index] for key, values in frame_file.frames.items()}
                 event[SOURCE_FILE_KEY] = frame_file.path
-                event[SOURCE_INDEX_KEY] = len(data_dicts)
+                event[SOURCE_INDEX_KEY] = index
                 data_dicts.append({stream: event})
 
     streams = {stream: "the frames"} if frame_files else {}
@@ -499,7 +499,7 @@ def _lay_out(
         for index in range(len(next(iter(table.columns.values())))):
             event = {key: column[index] for key, column in table.columns.items()}
             event[SOURCE_FILE_KEY] = table.path
-            event[SOURCE_INDEX_KEY] = len(data_dicts)
+            event[SOURCE_INDEX_KEY] = index
             data_dicts.append({table.stream: event})
     return data_dicts, writers_dict
 

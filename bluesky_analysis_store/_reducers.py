@@ -50,7 +50,11 @@ class Reducer:
     @property
     def params(self) -> dict[str, Any]:
         if dataclasses.is_dataclass(self):
-            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            fields = {
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if not f.name.startswith("_")
+            }
         else:
             fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         return _jsonable(fields)

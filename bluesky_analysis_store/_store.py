@@ -7,6 +7,7 @@ that shares one (PostgreSQL behind it). Tiled is imported on first use: it takes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ STORE_ENV = "BLUESKY_ANALYSIS_STORE"
 """Environment variable naming the store: a folder, or the http(s) URI of a tiled server."""
 
 _CATALOG_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
+_CONFIG_FILE = "store.json"
 
 
 def default_store_location() -> str:
@@ -58,6 +60,21 @@ def _serialization_registry() -> Any:
     registry = copy.copy(default_serialization_registry)
     registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
     return registry
+
+
+def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The extra readable folders given now and at earlier opens (kept in store.json)."""
+    config_path = folder / _CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    known = list(config.get("readable", []))
+    for path in readable:
+        absolute = os.path.abspath(path)
+        if absolute not in known:
+            known.append(absolute)
+    if known != config.get("readable", []):
+        config["readable"] = known
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return known
 
 
 class AnalysisStore:
@@ -102,7 +119,8 @@ class AnalysisStore:
 
         ``path`` defaults to ``$BLUESKY_ANALYSIS_STORE``, else ``./analysis-store``. Derived
         files go under ``<path>/assets``; ``readable`` adds folders whose files the store may
-        also serve (raw data referenced by runs saved here).
+        also serve (raw data referenced by runs saved here); they are remembered in
+        ``<path>/store.json`` for later opens.
         """
         from tiled.catalog import from_uri
         from tiled.client import Context, from_context
@@ -115,7 +133,7 @@ class AnalysisStore:
         assets = folder / "assets"
         assets.mkdir(parents=True, exist_ok=True)
         (folder / "data").mkdir(exist_ok=True)
-        readable_roots = [str(assets), *(os.path.abspath(r) for r in readable)]
+        readable_roots = [str(assets), *_remember_readable(folder, readable)]
         adapter = from_uri(
             f"sqlite:///{folder / 'catalog.db'}",
             # Creating a catalog runs a subprocess (seconds); reopening one need not.
