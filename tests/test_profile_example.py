@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,11 @@ print("RESULT " + json.dumps({
 
 def test_profile_reduces_a_scan_live(tmp_path):
     ipython = Path(sys.executable).with_name("ipython")
+    # A copy, so that IPython's history and logs stay out of the checkout.
+    profile = shutil.copytree(PROFILE / "startup", tmp_path / "profile" / "startup").parent
     env = {**os.environ, "BLUESKY_ANALYSIS_STORE": str(tmp_path / "store")}
     result = subprocess.run(
-        [str(ipython), f"--profile-dir={PROFILE}", "--no-banner", "-c", SESSION],
+        [str(ipython), f"--profile-dir={profile}", "--no-banner", "-c", SESSION],
         capture_output=True,
         text=True,
         cwd=tmp_path,
