@@ -8,11 +8,13 @@ from ._errors import (
     DataKeyError,
     DataValueError,
     FormatRegistryError,
+    IngestError,
     MetadataError,
     ProvenanceError,
     RunNotFoundError,
     WriterRootError,
 )
+from ._ingest import ingest
 from ._provenance import code_record, environment_record, make_provenance
 from ._reducers import Reducer
 from ._reprocess import ReprocessReport, reprocess
@@ -27,6 +29,7 @@ __all__ = [
     "Reducer",
     "ReprocessReport",
     "ReproduceReport",
+    "ingest",
     "reprocess",
     "reproduce",
     # Composing and saving runs
@@ -52,6 +55,7 @@ __all__ = [
     "DataKeyError",
     "DataValueError",
     "FormatRegistryError",
+    "IngestError",
     "MetadataError",
     "ProvenanceError",
     "RunNotFoundError",

@@ -51,7 +51,14 @@ from ._errors import DataKeyError, DataValueError, IngestError
 from ._store import AnalysisStore
 from .formats import formats
 
-__all__ = ["SOURCE_FILE_KEY", "SOURCE_INDEX_KEY", "SUPPORTED_SUFFIXES", "ingest"]
+__all__ = [
+    "DATASET_SEPARATOR",
+    "IMAGE_KEY",
+    "SOURCE_FILE_KEY",
+    "SOURCE_INDEX_KEY",
+    "SUPPORTED_SUFFIXES",
+    "ingest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +94,12 @@ _NOT_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9]+")
 # tiled's SQL tables allow 63 bytes a column name and add "ts_<key>" columns.
 _MAX_NAME_LENGTH = 60
 _STREAM_NAME = re.compile(r"^[^./]+$")
+# Cells read as integers: ASCII digits only (int() would also take "2023_01" and other scripts'
+# digits, so sample names like that would silently become numbers).
+_INTEGER_CELL = re.compile(r"\s*[+-]?[0-9]+\s*")
 
-Frames = Sequence[Any]
-"""Values of one data key along the event axis: an array indexed on axis 0, or a list."""
+# Values of one data key along the event axis: an array indexed on axis 0, or a list.
+_Frames = Sequence[Any]
 
 
 @dataclass
@@ -106,7 +116,7 @@ class _FrameFile:
     """The frames read from one file: data key -> values along the event axis."""
 
     path: str
-    frames: dict[str, Frames]
+    frames: dict[str, _Frames]
 
     def __len__(self) -> int:
         return len(next(iter(self.frames.values())))
@@ -255,7 +265,7 @@ def _add_input(inputs: dict[str, _Input], path: str, dataset: str | None) -> Non
 
 def _read_frames(item: _Input) -> _FrameFile:
     if item.kind == "tiff":
-        frames: dict[str, Frames] = {IMAGE_KEY: _read_tiff(item.path)}
+        frames: dict[str, _Frames] = {IMAGE_KEY: _read_tiff(item.path)}
     elif item.kind == "npy":
         frames = {IMAGE_KEY: _read_npy(item.path)[np.newaxis]}
     else:
@@ -307,7 +317,7 @@ def _is_numeric_dataset(dataset: h5py.Dataset) -> bool:
     return dataset.shape is not None and dataset.dtype.kind in _NUMERIC_KINDS
 
 
-def _read_hdf5(path: str, selected: list[str] | None) -> dict[str, Frames]:
+def _read_hdf5(path: str, selected: list[str] | None) -> dict[str, _Frames]:
     try:
         with h5py.File(path, "r", locking=False) as file:
             names = _hdf5_dataset_names(path, file, selected)
@@ -315,7 +325,7 @@ def _read_hdf5(path: str, selected: list[str] | None) -> dict[str, Frames]:
     except OSError as error:
         raise DataValueError(f"cannot read {path!r} as HDF5: {error}") from error
 
-    frames: dict[str, Frames] = {}
+    frames: dict[str, _Frames] = {}
     origin: dict[str, str] = {}
     for name, array in arrays.items():
         key = _name_for(name.rsplit("/", 1)[-1], prefix="data", where=f"{path}::{name}")
@@ -403,24 +413,36 @@ def _read_csv(path: str) -> _Table:
                 "rename one of them"
             )
         columns[key] = _parse_column([row[number] for row in rows])
-    logger.info("read %s: %d row(s), columns %s, as stream %r", path, len(rows), list(columns), stream)
+    logger.info(
+        "read %s: %d row(s), columns %s, as stream %r", path, len(rows), list(columns), stream
+    )
     return _Table(path, stream, columns)
 
 
 def _parse_column(cells: list[str]) -> np.ndarray:
     """int64 if every cell is an integer, float64 if every cell is a number or empty, else str."""
-    try:
-        return np.array([int(cell) for cell in cells], dtype=np.int64)
-    except (ValueError, OverflowError):
-        pass
-    try:
-        if any(cell.strip() for cell in cells):
-            return np.array(
-                [float(cell) if cell.strip() else np.nan for cell in cells], dtype=np.float64
-            )
-    except ValueError:
-        pass
+    if all(_INTEGER_CELL.fullmatch(cell) for cell in cells):
+        try:
+            return np.array([int(cell) for cell in cells], dtype=np.int64)
+        except OverflowError:
+            pass  # beyond int64: read as floats
+    if any(cell.strip() for cell in cells) and all(_is_number_or_empty(cell) for cell in cells):
+        return np.array(
+            [float(cell) if cell.strip() else np.nan for cell in cells], dtype=np.float64
+        )
     return np.array(cells, dtype=str)
+
+
+def _is_number_or_empty(cell: str) -> bool:
+    if not cell.strip():
+        return True
+    if "_" in cell or not cell.isascii():  # float() takes "1_0" and other scripts' digits
+        return False
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 # --- naming -------------------------------------------------------------------------------
