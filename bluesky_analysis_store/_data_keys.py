@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ._errors import DataKeyError, DataValueError
 
-__all__ = ["RESERVED_KEYS", "check_data_key", "describe_value", "merge_data_key", "normalise_value"]
+__all__ = ["RESERVED_KEYS", "check_data_key", "check_stream_keys", "describe_value", "merge_data_key", "normalise_value"]
 
 # event-model's schema pattern for data keys: no '.' and no '/'.
 _DATA_KEY_PATTERN = re.compile(r"^[^./]+$")
+# Keys become SQL column names in the tables tiled stores events in (tiled.adapters.sql):
+# a letter first, none of these characters, at most 63 bytes including TiledWriter's "ts_".
+_COLUMN_START = re.compile(r"^[A-Za-z]")
+_FORBIDDEN_IN_COLUMNS = re.compile(r"""['"`;\\%()=+]|--|/\*|\*/""")
+_MAX_KEY_BYTES = 63 - len("ts_")
 # Column names of the tables that tiled stores events in.
 RESERVED_KEYS = frozenset({"time", "seq_num"})
 
@@ -29,7 +34,31 @@ def check_data_key(key: Any) -> str:
         raise DataKeyError(
             f"data key {key!r} is reserved (the store's tables use it); rename it"
         )
+    if not _COLUMN_START.match(key) or (bad := _FORBIDDEN_IN_COLUMNS.search(key)):
+        raise DataKeyError(
+            f"data key {key!r} cannot name a column of the store's tables: start it with a "
+            "letter and leave out quotes, ';', '\\', '%', '(', ')', '=', '+', '--', '/*'"
+        )
+    if len(key.encode()) > _MAX_KEY_BYTES:
+        raise DataKeyError(f"data key {key!r} is longer than {_MAX_KEY_BYTES} bytes")
     return key
+
+
+def check_stream_keys(stream: str, keys: Iterable[str]) -> None:
+    """Refuse keys of one stream whose columns would clash in the store's tables.
+
+    Columns are compared lower-cased, and TiledWriter adds a ``ts_<key>`` column per key.
+    """
+    keys = list(keys)
+    columns: dict[str, str] = {}
+    for key in keys:
+        for column in (key, f"ts_{key}"):
+            taken = columns.setdefault(column.lower(), key)
+            if taken != key:
+                raise DataKeyError(
+                    f"data keys {taken!r} and {key!r} of stream {stream!r} clash in the "
+                    "store's tables (column names ignore case, and each key has a ts_ column)"
+                )
 
 
 def normalise_value(key: str, value: Any) -> Any:
