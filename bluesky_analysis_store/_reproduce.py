@@ -86,9 +86,19 @@ def _load_code(record: Mapping[str, Any]) -> Any:
 
 
 def _code_change(record: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """How the importable code differs from the record, or None if it is the same.
+
+    A source file identical to the byte (same sha256) is the same code even where the
+    checkout has moved to another commit; otherwise the version, commit and dirty state
+    decide.
+    """
+    same_source = "sha256" in record and record["sha256"] == current.get("sha256")
+    fields = ("version",) if same_source and "distribution" in record else _IDENTITY_FIELDS
+    if same_source and "distribution" not in record:
+        return None
     changed = [
         f"{f} {record[f]!r} -> {current.get(f)!r}"
-        for f in _IDENTITY_FIELDS
+        for f in fields
         if f in record and record[f] != current.get(f)
     ]
     return f"{record['name']}: " + ", ".join(changed) if changed else None

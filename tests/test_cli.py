@@ -1,0 +1,487 @@
+"""The command line, run as users run it: ``python -m bluesky_analysis_store`` in a subprocess.
+
+One store per module is made by the ``demo`` subcommand itself (a simulated scan, its raw run
+and the child run reduced live); the other subcommands read it, plot from it, reprocess and
+reproduce its runs and ingest a file into it. Tests that add runs to it only add: none counts
+the runs of another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bluesky_analysis_store import DATA_ROOT_ENV, STORE_ENV
+
+PROG = "bluesky-analysis-store"
+ERROR_PREFIX = f"{PROG}: error:"
+REDUCER = "bluesky_analysis_store.example_reducers:spot_statistics"
+POINTS = 7
+FRAME_SHAPE = [64, 64]  # the simulated camera's frames (bluesky_analysis_store.sim)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+SUBCOMMANDS = {
+    "demo": ["--store", "--plot", "--points"],
+    "ls": ["--children", "--limit", "--json", "--store"],
+    "show": ["UID", "--json", "--store"],
+    "plot": ["UID", "KEY", "--output", "--stream", "--index", "--x", "--size", "--dpi"],
+    "reprocess": ["RAW_UID", "--reducer", "--source", "--stream", "--writer", "--force", "--md"],
+    "ingest": ["PATH", "--md", "--stream", "--writer"],
+    "reproduce": ["CHILD_UID", "--source", "--allow-changed-code"],
+}
+
+
+def run_cli(
+    *args: str | os.PathLike[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command, with ``args``, in a subprocess whose store setting is only ``env``'s."""
+    environment = {k: v for k, v in os.environ.items() if k not in (STORE_ENV, DATA_ROOT_ENV)}
+    environment[DATA_ROOT_ENV] = str(cwd / "default-data")  # nothing lands in the checkout
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "bluesky_analysis_store", *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit status 2 and one line on stderr, ``bluesky-analysis-store: error: ...``."""
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(ERROR_PREFIX), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the file is a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    length, chunk_type = struct.unpack(">I4s", data[8:16])
+    assert chunk_type == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def demo(workdir: Path) -> dict[str, Any]:
+    """The demo, run by ``bluesky-analysis-store demo``, into a new store (about 10-30 s)."""
+    store = workdir / "store"
+    plot = workdir / "demo-centroid.png"
+    result = run_cli("--store", store, "demo", "--plot", plot, "--points", POINTS, cwd=workdir)
+    out = assert_ok(result)
+    raw = re.search(rf"^raw run:\s+({UID.pattern})$", out, re.MULTILINE)
+    child = re.search(rf"^child run:\s+({UID.pattern})", out, re.MULTILINE)
+    assert raw and child, out
+    return {
+        "store": store,
+        "plot": plot,
+        "raw_uid": raw.group(1),
+        "child_uid": child.group(1),
+        "result": result,
+    }
+
+
+@pytest.fixture(scope="module")
+def code_version() -> str:
+    """The version the demo's reducer is recorded with: that of the installed distribution."""
+    return metadata.version("bluesky-analysis-store")
+
+
+# --- help -------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_subcommand(workdir: Path) -> None:
+    out = assert_ok(run_cli("--help", cwd=workdir))
+    for name in SUBCOMMANDS:
+        assert name in out
+    for option in ("--store", "--api-key", "--verbose", "--version", STORE_ENV, "TILED_API_KEY"):
+        assert option in out
+    version = assert_ok(run_cli("--version", cwd=workdir))
+    assert version.strip() == f"{PROG} {metadata.version('bluesky-analysis-store')}"
+
+
+@pytest.mark.parametrize("subcommand", sorted(SUBCOMMANDS))
+def test_subcommand_help(workdir: Path, subcommand: str) -> None:
+    out = assert_ok(run_cli(subcommand, "--help", cwd=workdir))
+    assert out.startswith(f"usage: {PROG} {subcommand}")
+    for option in SUBCOMMANDS[subcommand]:
+        assert option in out, option
+    example = re.search(rf"^examples?:\n\s+{PROG} {subcommand} ", out, re.MULTILINE)
+    assert example, out
+
+
+def test_script_is_installed() -> None:
+    script = Path(sys.executable).parent / PROG
+    assert script.is_file()
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, check=False)
+    assert_ok(result)
+    assert result.stdout.startswith(f"usage: {PROG}")
+
+
+# --- demo, ls, show ------------------------------------------------------------------------------
+
+
+def test_demo(demo: dict[str, Any], code_version: str) -> None:
+    out = demo["result"].stdout
+    assert f"code:      {REDUCER} version {code_version}" in out
+    assert f"{POINTS} events reduced, 0 failed" in out
+    assert (demo["store"] / "catalog.db").is_file()
+    assert png_size(demo["plot"]) == (640, 480)
+    assert demo["result"].stderr == ""  # tiled's start-up log and warnings stay out
+
+
+def test_reproduce_demo_child(demo: dict[str, Any], workdir: Path) -> None:
+    # Right after the demo: the reducer's record holds the checkout's git commit, and a
+    # commit made in between would (rightly) count as changed code.
+    result = run_cli("--store", demo["store"], "reproduce", demo["child_uid"][:8], cwd=workdir)
+    out = assert_ok(result)
+    assert f"child run {demo['child_uid']} reproduced: {POINTS} events identical" in out
+
+
+def test_ls_lists_both_runs_newest_first(
+    demo: dict[str, Any], workdir: Path, code_version: str
+) -> None:
+    # The store named by the environment variable.
+    out = assert_ok(run_cli("ls", cwd=workdir, env={STORE_ENV: str(demo["store"])}))
+    lines = out.splitlines()
+    (raw_line,) = [line for line in lines if line.startswith(demo["raw_uid"])]
+    (child_line,) = [line for line in lines if line.startswith(demo["child_uid"])]
+    assert lines.index(child_line) < lines.index(raw_line)  # the child was started later
+    assert " raw " in raw_line and "scan" in raw_line
+    assert " derived " in child_line
+    assert f"{REDUCER} {code_version}" in child_line
+    assert demo["raw_uid"][:8] in child_line  # its parent
+
+
+def test_ls_json_with_store_after_subcommand(
+    demo: dict[str, Any], workdir: Path, code_version: str
+) -> None:
+    result = run_cli("ls", "--json", "--store", demo["store"], cwd=workdir)
+    runs = {run["uid"]: run for run in json.loads(assert_ok(result))}  # stdout is only JSON
+    raw, child = runs[demo["raw_uid"]], runs[demo["child_uid"]]
+    assert raw["kind"] == "raw" and raw["plan_name"] == "scan" and raw["code"] == []
+    assert child["kind"] == "derived"
+    assert child["parent_uids"] == [demo["raw_uid"]]
+    assert [(c["name"], c["version"]) for c in child["code"]] == [(REDUCER, code_version)]
+    assert child["num_events"] == {"primary": POINTS}
+    times = [run["time"] for run in runs.values()]
+    assert times == sorted(times, reverse=True)
+
+
+def test_ls_limit(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli("--store", demo["store"], "ls", "--limit", "1", "--json", cwd=workdir)
+    assert len(json.loads(assert_ok(result))) == 1
+
+
+def test_ls_children(demo: dict[str, Any], workdir: Path, code_version: str) -> None:
+    result = run_cli("--store", demo["store"], "ls", "--children", demo["raw_uid"][:8], cwd=workdir)
+    lines = assert_ok(result).splitlines()
+    (child_line,) = [line for line in lines if line.startswith(demo["child_uid"])]
+    assert f"{REDUCER} {code_version}" in child_line
+    assert not any(line.startswith(demo["raw_uid"]) for line in lines)
+    assert all(" derived " in line for line in lines)
+
+
+def test_show_text(demo: dict[str, Any], workdir: Path, code_version: str) -> None:
+    result = run_cli("--store", demo["store"], "show", demo["child_uid"][:8], cwd=workdir)
+    out = assert_ok(result)
+    assert out.startswith(f"run {demo['child_uid']} (derived)")
+    for section in ("start metadata:", "provenance:", "  environment:", "streams:"):
+        assert f"\n{section}\n" in out, section
+    assert "purpose: demo" in out
+    assert f"    {REDUCER}\n      version {code_version}" in out
+    assert f"    {demo['raw_uid']}" in out  # the parent
+    assert f"  primary ({POINTS} events)" in out
+    assert re.search(rf"normalised\s+shape \({POINTS}, 64, 64\)\s+dtype float32", out)
+    assert re.search(rf"centroid_x\s+shape \({POINTS},\)\s+dtype float64", out)
+
+
+def test_show_json(demo: dict[str, Any], workdir: Path, code_version: str) -> None:
+    result = run_cli("--store", demo["store"], "show", demo["child_uid"], "--json", cwd=workdir)
+    record = json.loads(assert_ok(result))
+    assert record["uid"] == demo["child_uid"] and record["kind"] == "derived"
+    assert record["start"]["purpose"] == "demo"
+    provenance = record["provenance"]
+    assert provenance == record["start"]["provenance"]
+    assert provenance["parents"][0]["uid"] == demo["raw_uid"]
+    (code,) = provenance["code"]
+    assert code["name"] == REDUCER and code["version"] == code_version
+    assert re.fullmatch(r"[0-9a-f]{64}", code["sha256"])
+    assert "numpy" in provenance["environment"]["packages"]
+    keys = record["streams"]["primary"]["keys"]
+    assert keys["normalised"] == {"shape": [POINTS, *FRAME_SHAPE], "dtype": "float32"}
+    assert keys["centroid_x"] == {"shape": [POINTS], "dtype": "float64"}
+    assert "seq_num" not in keys and "ts_total" not in keys
+    assert record["streams"]["primary"]["events"] == POINTS
+    assert record["stop"]["exit_status"] == "success"
+
+
+def test_show_raw_run(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli("--store", demo["store"], "show", demo["raw_uid"], "--json", cwd=workdir)
+    record = json.loads(assert_ok(result))
+    assert record["kind"] == "raw" and record["provenance"] is None
+    assert record["streams"]["primary"]["keys"]["cam"]["shape"] == [POINTS, *FRAME_SHAPE]
+
+
+# --- plot ----------------------------------------------------------------------------------------
+
+
+def test_plot_scalar_default_size(demo: dict[str, Any], workdir: Path) -> None:
+    output = workdir / "centroid.png"
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "plot",
+        demo["child_uid"][:8],
+        "centroid_x",
+        "-o",
+        output,
+        cwd=workdir,
+    )
+    assert assert_ok(result).strip() == str(output)
+    assert png_size(output) == (640, 480)  # 6.4 x 4.8 inches at 100 dpi
+
+
+def test_plot_frame_with_size_and_dpi(demo: dict[str, Any], workdir: Path) -> None:
+    output = workdir / "frame.png"
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "plot",
+        demo["child_uid"],
+        "normalised",
+        "--index",
+        "2",
+        "--size",
+        "5x4",
+        "--dpi",
+        "80",
+        "--output",
+        output,
+        cwd=workdir,
+    )
+    assert_ok(result)
+    assert png_size(output) == (400, 320)
+
+
+def test_plot_against_another_key(demo: dict[str, Any], workdir: Path) -> None:
+    output = workdir / "motor.png"
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "plot",
+        demo["raw_uid"],
+        "motor_setpoint",
+        "--x",
+        "motor",
+        "-o",
+        output,
+        cwd=workdir,
+    )
+    assert_ok(result)
+    assert png_size(output) == (640, 480)
+
+
+# --- reprocess, reproduce, ingest ----------------------------------------------------------------
+
+
+def test_reprocess_skips_a_run_the_same_code_reduced(demo: dict[str, Any], workdir: Path) -> None:
+    # The demo's live reduction used the same reducer: reprocessing it again is not needed.
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "reprocess",
+        demo["raw_uid"][:8],
+        "--reducer",
+        REDUCER,
+        cwd=workdir,
+    )
+    out = assert_ok(result)
+    assert out.startswith("0 saved, 1 already reduced, 0 failed")
+    assert f"already reduced {demo['raw_uid']}: child run {demo['child_uid']}" in out
+
+
+def test_reprocess_into_another_store(demo: dict[str, Any], workdir: Path) -> None:
+    store = workdir / "reprocessed"  # made by the first reprocess
+    command = [
+        "--store",
+        store,
+        "reprocess",
+        demo["raw_uid"],
+        "--source",
+        demo["store"],
+        "--reducer",
+        REDUCER,
+        "--md",
+        "operator=jane",
+        "--md",
+        "attempt=1",
+    ]
+    first = assert_ok(run_cli(*command, cwd=workdir))
+    assert first.startswith("1 saved, 0 already reduced, 0 failed")
+    (new_child,) = re.findall(rf"saved {demo['raw_uid']}: child run ({UID.pattern})", first)
+
+    again = assert_ok(run_cli(*command, cwd=workdir))
+    assert again.startswith("0 saved, 1 already reduced, 0 failed")
+    assert f"already reduced {demo['raw_uid']}: child run {new_child}" in again
+
+    forced = assert_ok(run_cli(*command, "--force", "--writer", "normalised=TIFF", cwd=workdir))
+    assert forced.startswith("1 saved, 0 already reduced, 0 failed")
+    (another,) = re.findall(rf"saved {demo['raw_uid']}: child run ({UID.pattern})", forced)
+    assert another != new_child
+
+    listing = run_cli(
+        "--store", store, "ls", "--children", demo["raw_uid"][:8], "--json", cwd=workdir
+    )
+    children = json.loads(assert_ok(listing))
+    assert [c["uid"] for c in children] == [another, new_child]  # newest first
+    shown = run_cli("--store", store, "show", another, "--json", cwd=workdir)
+    start = json.loads(assert_ok(shown))["start"]
+    assert start["operator"] == "jane" and start["attempt"] == 1  # JSON values are parsed
+
+
+def test_ingest_then_show(demo: dict[str, Any], workdir: Path) -> None:
+    frame = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    path = workdir / "frame.npy"
+    np.save(path, frame)
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "ingest",
+        path,
+        "--md",
+        "sample=LaB6",
+        "--writer",
+        "NPY",
+        cwd=workdir,
+    )
+    uid = assert_ok(result).strip()
+    assert UID.fullmatch(uid), uid
+
+    shown = run_cli("--store", demo["store"], "show", uid, "--json", cwd=workdir)
+    record = json.loads(assert_ok(shown))
+    assert record["start"]["sample"] == "LaB6"
+    (file_record,) = record["provenance"]["files"]
+    assert file_record["path"] == str(path)
+    assert re.fullmatch(r"[0-9a-f]{64}", file_record["sha256"])
+    image = record["streams"]["primary"]["keys"]["image"]
+    assert image == {"shape": [1, 3, 4], "dtype": "uint16"}
+
+    # The input file changes after it was ingested: the run no longer follows from it.
+    np.save(path, frame + 1)
+    checked = run_cli(
+        "--store", demo["store"], "reproduce", uid[:8], "--allow-changed-code", cwd=workdir
+    )
+    assert checked.returncode == 1, checked.stderr
+    assert "Traceback" not in checked.stderr
+    assert checked.stdout.startswith(f"child run {uid} NOT reproduced")
+    assert f"input file changed: {path}: sha256 {file_record['sha256'][:12]}" in checked.stdout
+
+
+# --- errors: one line on stderr, exit status 2, no traceback --------------------------------------
+
+
+def test_error_unknown_uid(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli("--store", demo["store"], "show", "0123abcd-no-such-run", cwd=workdir)
+    assert_user_error(result, "no run '0123abcd-no-such-run'")
+
+
+def test_error_uid_prefix_too_short(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli("--store", demo["store"], "show", demo["child_uid"][:5], cwd=workdir)
+    assert_user_error(result, "at least 8 characters")
+
+
+def test_error_ingest_bad_path(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli("--store", demo["store"], "ingest", workdir / "missing.npy", cwd=workdir)
+    assert_user_error(result, "missing.npy", "no such file")
+
+
+def test_error_ingest_unknown_format(demo: dict[str, Any], workdir: Path) -> None:
+    path = workdir / "for-unknown-format.npy"
+    np.save(path, np.zeros((2, 2)))
+    result = run_cli("--store", demo["store"], "ingest", path, "--writer", "JPEG", cwd=workdir)
+    assert_user_error(result, "JPEG")
+
+
+def test_error_plot_unknown_key(demo: dict[str, Any], workdir: Path) -> None:
+    output = workdir / "never.png"
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "plot",
+        demo["child_uid"],
+        "no_such_key",
+        "-o",
+        output,
+        cwd=workdir,
+    )
+    assert_user_error(result, "no_such_key", "centroid_x")
+    assert not output.exists()
+
+
+def test_error_reducer_that_does_not_import(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli(
+        "--store",
+        demo["store"],
+        "reprocess",
+        demo["raw_uid"],
+        "--reducer",
+        "no_such_module_here:reduce",
+        cwd=workdir,
+    )
+    assert_user_error(result, "no_such_module_here")
+
+
+def test_error_reproduce_a_raw_run(demo: dict[str, Any], workdir: Path) -> None:
+    result = run_cli("--store", demo["store"], "reproduce", demo["raw_uid"], cwd=workdir)
+    assert_user_error(result, "no provenance")
+
+
+def test_error_ls_store_folder_missing(workdir: Path) -> None:
+    missing = workdir / "no-store-here"
+    result = run_cli("--store", missing, "ls", cwd=workdir)
+    assert_user_error(result, str(missing), "does not exist")
+    assert not missing.exists()  # ls never creates a store
+
+
+def test_error_show_folder_without_catalog(workdir: Path) -> None:
+    folder = workdir / "not-a-store"
+    folder.mkdir()
+    result = run_cli("show", "0123abcd", cwd=workdir, env={STORE_ENV: str(folder)})
+    assert_user_error(result, "no catalog.db")
+    assert list(folder.iterdir()) == []
+
+
+def test_error_usage_is_one_line_too(workdir: Path) -> None:
+    assert_user_error(run_cli("plot", "0123abcd", "key", cwd=workdir), "--output")
+    assert_user_error(run_cli("ls", "--limit", "many", cwd=workdir), "--limit")
+    assert_user_error(run_cli(cwd=workdir), "COMMAND")
