@@ -1,0 +1,753 @@
+"""The live callback: real RunEngine, ophyd.sim devices, an embedded store on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+import bluesky.plan_stubs as bps  # noqa: E402
+import bluesky.preprocessors as bpp  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import ophyd.sim  # noqa: E402
+import pytest  # noqa: E402
+import tifffile  # noqa: E402
+from bluesky import RunEngine  # noqa: E402
+from bluesky.plans import count, grid_scan, scan  # noqa: E402
+from bluesky.run_engine import TransitionError  # noqa: E402
+from bluesky.utils import RunEngineInterrupted  # noqa: E402
+from event_model import Filler  # noqa: E402
+
+from _reducers_for_tests import (  # noqa: E402
+    DarkSubtractedSum,
+    FrameSequence,
+    GarbageOnSeqNum,
+    RaiseOnSeqNum,
+    frame,
+    image_stats,
+    scaled,
+)
+from bluesky_analysis_store import (  # noqa: E402
+    AnalysisStore,
+    AnalysisStoreCallback,
+    AnalysisStoreError,
+    ProvenanceError,
+)
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_store_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("analysis-store")
+
+
+@pytest.fixture(scope="module")
+def store(live_store_folder: pathlib.Path) -> AnalysisStore:
+    """One embedded store for the module (creating one costs seconds); runs never collide."""
+    return AnalysisStore.open(live_store_folder)
+
+
+@pytest.fixture
+def RE():  # noqa: N802 - the name every bluesky user knows
+    loop = asyncio.new_event_loop()
+    engine = RunEngine({}, loop=loop)
+    yield engine
+    if engine.state not in ("idle", "panicked"):
+        try:
+            engine.halt()
+        except TransitionError:
+            pass
+    loop.call_soon_threadsafe(loop.stop)
+    engine._th.join()
+    loop.close()
+
+
+@pytest.fixture
+def hw(tmp_path: pathlib.Path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    return ophyd.sim.hw(save_path=str(raw))
+
+
+@pytest.fixture
+def make_callback(store: AnalysisStore):
+    """Build callbacks on the module's store; every one is closed (worker joined) afterwards."""
+    made: list[AnalysisStoreCallback] = []
+
+    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
+        callback = AnalysisStoreCallback(reducers, store, **kwargs)
+        made.append(callback)
+        return callback
+
+    yield make
+    for callback in made:
+        callback.close(timeout=60)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+class Documents:
+    """A second subscriber: the raw documents exactly as the RunEngine emitted them."""
+
+    def __init__(self) -> None:
+        self.docs: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self.docs.append((name, copy.deepcopy(doc)))
+
+    def run(self, uid: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every document of run ``uid``, start to stop, in emission order."""
+        descriptors = {
+            d["uid"] for n, d in self.docs if n == "descriptor" and d["run_start"] == uid
+        }
+        resources = {
+            d["uid"] for n, d in self.docs if n == "resource" and d.get("run_start") == uid
+        }
+        out = []
+        for name, doc in self.docs:
+            if (
+                (name == "start" and doc["uid"] == uid)
+                or (name in ("descriptor", "stop", "resource") and doc.get("run_start") == uid)
+                or (name == "event" and doc["descriptor"] in descriptors)
+                or (name == "datum" and doc["resource"] in resources)
+            ):
+                out.append((name, doc))
+        return out
+
+    def stop(self, uid: str) -> dict[str, Any]:
+        [stop] = [d for n, d in self.docs if n == "stop" and d["run_start"] == uid]
+        return stop
+
+    def events(self, uid: str, stream: str = "primary") -> list[dict[str, Any]]:
+        descriptors = {
+            d["uid"]
+            for n, d in self.docs
+            if n == "descriptor" and d["run_start"] == uid and d["name"] == stream
+        }
+        events = [d for n, d in self.docs if n == "event" and d["descriptor"] in descriptors]
+        return sorted(events, key=lambda e: e["seq_num"])
+
+
+def only_child(store: AnalysisStore, raw_uid: str) -> Any:
+    children = store.children(raw_uid)
+    assert len(children) == 1, f"expected one child run of {raw_uid}, found {children}"
+    return store[children[0]]
+
+
+def column(run: Any, stream: str, key: str) -> np.ndarray:
+    return np.asarray(run[stream][key].read())
+
+
+def data_keys(run: Any, stream: str) -> dict[str, Any]:
+    return dict(run[stream].metadata["data_keys"])
+
+
+def asset_paths(data_source: Any) -> list[str]:
+    return [unquote(urlparse(asset.data_uri).path) for asset in data_source.assets]
+
+
+def is_inside(path: str, folder: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
+
+
+def filled_raw_frames(raw: Documents, uid: str, key: str = "img") -> list[np.ndarray]:
+    """The raw frames read back from the raw files, through event-model's own Filler."""
+    filler = Filler({"NPY_SEQ": ophyd.sim.NumpySeqHandler}, inplace=False)
+    frames = []
+    with filler:
+        for name, doc in raw.run(uid):
+            _, filled = filler(name, doc)
+            if name == "event":
+                frames.append(np.asarray(filled["data"][key]))
+    return frames
+
+
+# --- 1. count with a scalar reducer -------------------------------------------------------
+
+
+def test_count_child_run_has_provenance_values_and_links(RE, hw, store, make_callback):
+    hw.det.noise.put("uniform")  # readings differ, so the values must follow the real ones
+    reducer = functools.partial(scaled, threshold=3)
+    callback = make_callback([reducer])
+    raw = Documents()
+    RE.subscribe(callback)
+    RE.subscribe(raw)
+
+    (raw_uid,) = RE(count([hw.det], num=5))
+
+    child = only_child(store, raw_uid)
+    start = child.start
+    assert start["parent_uids"] == [raw_uid]
+    provenance = start["provenance"]
+    assert provenance["parents"] == [{"uid": raw_uid}]
+    assert provenance["strict"] is True
+    [code] = provenance["code"]
+    assert code["name"] == "_reducers_for_tests:scaled"
+    assert code["params"] == {"threshold": 3}
+    assert code["importable"] is True
+
+    events = raw.events(raw_uid)
+    assert len(events) == 5
+    det = np.array([e["data"]["det"] for e in events])
+    assert len(set(det.tolist())) == 5, "the noisy detector should give distinct readings"
+    expected = [reducer(e["data"]) for e in events]
+    np.testing.assert_allclose(column(child, "primary", "total"), [x["total"] for x in expected])
+    np.testing.assert_allclose(column(child, "primary", "total"), 10 * det + 3)
+    np.testing.assert_allclose(column(child, "primary", "shifted"), det - 3)
+
+    assert column(child, "primary", "parent_seq_num").tolist() == [e["seq_num"] for e in events]
+    assert column(child, "primary", "parent_seq_num").tolist() == [1, 2, 3, 4, 5]
+
+    stop = child.stop
+    assert stop["exit_status"] == "success"
+    assert stop["num_events"] == {"primary": 5}
+    assert stop["reduction"]["events_reduced"] == 5
+    assert stop["reduction"]["events_failed"] == 0
+    assert stop["reduction"]["failures"] == []
+
+
+# --- 2. scan and grid_scan ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_plan", "key", "num"),
+    [
+        (lambda hw: scan([hw.det], hw.motor, -2, 2, 7), "det", 7),
+        (
+            lambda hw: grid_scan([hw.det4], hw.motor1, -1, 1, 3, hw.motor2, -1, 1, 4),
+            "det4",
+            12,
+        ),
+    ],
+    ids=["scan", "grid_scan"],
+)
+def test_scans_give_one_child_event_per_raw_event(
+    RE, hw, store, make_callback, make_plan, key, num
+):
+    reducer = functools.partial(scaled, key=key, threshold=0.5)
+    raw = Documents()
+    RE.subscribe(make_callback([reducer]))
+    RE.subscribe(raw)
+
+    (raw_uid,) = RE(make_plan(hw))
+
+    events = raw.events(raw_uid)
+    assert len(events) == num
+    readings = np.array([e["data"][key] for e in events])
+    assert len(set(readings.round(12).tolist())) > 1, "the scan should move the detector's value"
+    child = only_child(store, raw_uid)
+    total = column(child, "primary", "total")
+    assert len(total) == len(events)
+    np.testing.assert_allclose(total, 10 * readings + 0.5)
+    np.testing.assert_allclose(column(child, "primary", "shifted"), readings - 0.5)
+    assert column(child, "primary", "parent_seq_num").tolist() == [e["seq_num"] for e in events]
+    assert column(child, "primary", "parent_seq_num").tolist() == list(range(1, num + 1))
+    assert child.stop["num_events"] == {"primary": num}
+    assert child.start["parent_uids"] == [raw_uid]
+    assert child.start["parent_plan_name"] == raw.run(raw_uid)[0][1]["plan_name"]
+
+
+# --- 3. external image data in, derived image files out -----------------------------------
+
+
+def test_img_frames_are_filled_and_derived_images_go_to_files(
+    RE, hw, store, live_store_folder, make_callback
+):
+    num = 4
+    hw.img.sim_set_func(FrameSequence())
+    raw = Documents()
+    RE.subscribe(make_callback([image_stats], writers={"as_u16": "TIFF"}))
+    RE.subscribe(raw)
+
+    (raw_uid,) = RE(count([hw.img], num=num))
+
+    # The raw events hold datum ids: the frames live in NPY_SEQ files.
+    events = raw.events(raw_uid)
+    assert all(isinstance(e["data"]["img"], str) for e in events)
+    assert [d["spec"] for n, d in raw.run(raw_uid) if n == "resource"] == ["NPY_SEQ"]
+    frames = filled_raw_frames(raw, raw_uid)
+    assert len(frames) == num
+    for n, raw_frame in enumerate(frames):
+        np.testing.assert_array_equal(raw_frame, frame(n))
+
+    reopened = AnalysisStore.open(live_store_folder)
+    child = only_child(reopened, raw_uid)
+
+    # The reducer saw numpy arrays of the frame's shape.
+    assert column(child, "primary", "is_ndarray").tolist() == [True] * num
+    assert column(child, "primary", "rows").tolist() == [10] * num
+    assert column(child, "primary", "cols").tolist() == [10] * num
+    np.testing.assert_allclose(column(child, "primary", "img_total"), [f.sum() for f in frames])
+
+    keys = data_keys(child, "primary")
+    assert keys["doubled"]["external"] == "STREAM:"
+    assert keys["as_u16"]["external"] == "STREAM:"
+    assert "external" not in keys["img_total"]
+
+    doubled = column(child, "primary", "doubled")
+    assert doubled.dtype == np.float32
+    assert doubled.shape == (num, 10, 10)
+    np.testing.assert_array_equal(doubled, np.stack([2 * f for f in frames]).astype(np.float32))
+    as_u16 = column(child, "primary", "as_u16")
+    assert as_u16.dtype == np.uint16
+    assert as_u16.shape == (num, 10, 10)
+    np.testing.assert_array_equal(as_u16, np.stack(frames).astype(np.uint16))
+
+    # One stream_resource per derived key for the run, its files under the asset folder.
+    # (TiledWriter folds a second stream_resource of a key into the same data source as
+    # one more asset, so one data source holding one HDF5 asset means one stream_resource.)
+    [hdf5_source] = child["primary"]["doubled"].data_sources()
+    assert hdf5_source.mimetype == "application/x-hdf5"
+    [hdf5_path] = asset_paths(hdf5_source)
+    assert os.path.isfile(hdf5_path)
+    assert is_inside(hdf5_path, reopened.asset_root)
+    with h5py.File(hdf5_path, "r") as file:
+        on_disk = file[hdf5_source.parameters["dataset"]][()]
+    np.testing.assert_array_equal(on_disk, doubled)
+
+    [tiff_source] = child["primary"]["as_u16"].data_sources()
+    assert tiff_source.mimetype == "multipart/related;type=image/tiff"
+    tiff_paths = asset_paths(tiff_source)
+    assert len(tiff_paths) == num
+    for n, path in enumerate(sorted(tiff_paths)):
+        assert os.path.isfile(path)
+        assert is_inside(path, reopened.asset_root)
+        np.testing.assert_array_equal(tifffile.imread(path), as_u16[n])
+
+
+# --- 4. a stateful Reducer with a dark stream ---------------------------------------------
+
+
+def dark_then_light(img: Any, num: int):
+    """One ``dark`` event, then ``num`` primary events, all of ``img``."""
+
+    @bpp.stage_decorator([img])
+    @bpp.run_decorator(md={"plan_name": "dark_then_light"})
+    def inner():
+        yield from bps.trigger_and_read([img], name="dark")
+        for _ in range(num):
+            yield from bps.trigger_and_read([img])
+
+    return (yield from inner())
+
+
+def test_stateful_reducer_subtracts_dark_and_sums_without_leaking_between_runs(
+    RE, hw, store, make_callback
+):
+    prototype = DarkSubtractedSum(scale=2.0)
+    RE.subscribe(make_callback([prototype]))
+
+    hw.img.sim_set_func(FrameSequence(0))  # dark = frame 0, light = frames 1, 2, 3
+    (first_uid,) = RE(dark_then_light(hw.img, 3))
+    hw.img.sim_set_func(FrameSequence(10))  # dark = frame 10, light = frames 11, 12
+    (second_uid,) = RE(dark_then_light(hw.img, 2))
+
+    pixels = frame(0).size
+    step = 2.0 * 10.0  # scale * FRAME_STEP: each later frame is this much brighter per pixel
+    for raw_uid, num in ((first_uid, 3), (second_uid, 2)):
+        child = only_child(store, raw_uid)
+        assert set(child) == {"primary", "summary"}
+        np.testing.assert_allclose(
+            column(child, "primary", "corrected_total"),
+            [step * k * pixels for k in range(1, num + 1)],
+        )
+        per_pixel = step * sum(range(1, num + 1))
+        assert column(child, "summary", "frames").tolist() == [num]
+        np.testing.assert_allclose(column(child, "summary", "sum_total"), [per_pixel * pixels])
+        summed = column(child, "summary", "sum")
+        assert summed.shape == (1, 10, 10)
+        np.testing.assert_allclose(summed[0], np.full((10, 10), per_pixel))
+        [code] = child.start["provenance"]["code"]
+        assert code["name"] == "_reducers_for_tests:DarkSubtractedSum"
+        assert code["params"] == {"key": "img", "scale": 2.0}
+        assert child.stop["num_events"] == {"primary": num, "summary": 1}
+
+    # Each run had its own copy: the instance handed to the callback was never used.
+    assert prototype._frames == 0
+    assert prototype._dark is None
+    assert prototype._sum is None
+
+
+# --- 5. two runs in a row -----------------------------------------------------------------
+
+
+def test_two_runs_in_a_row_get_their_own_child(RE, hw, store, make_callback):
+    raw = Documents()
+    RE.subscribe(make_callback([scaled]))
+    RE.subscribe(raw)
+
+    (first_uid,) = RE(count([hw.det], num=3))
+    (second_uid,) = RE(scan([hw.det], hw.motor, 0, 1, 4))
+
+    first, second = only_child(store, first_uid), only_child(store, second_uid)
+    assert first.start["uid"] != second.start["uid"]
+    for child, raw_uid, num, plan_name in (
+        (first, first_uid, 3, "count"),
+        (second, second_uid, 4, "scan"),
+    ):
+        assert child.start["parent_uids"] == [raw_uid]
+        assert child.start["parent_plan_name"] == plan_name
+        assert child.stop["num_events"] == {"primary": num}
+        np.testing.assert_allclose(
+            column(child, "primary", "total"),
+            [10 * e["data"]["det"] for e in raw.events(raw_uid)],
+        )
+        assert column(child, "primary", "parent_seq_num").tolist() == list(range(1, num + 1))
+
+
+# --- 6. a scan that fails or is aborted ---------------------------------------------------
+
+
+def three_events_then(det: Any, ending: str):
+    @bpp.run_decorator()
+    def inner():
+        for _ in range(3):
+            yield from bps.trigger_and_read([det])
+        yield from bps.null()
+        if ending == "fail":
+            raise RuntimeError("the sample holder fell off")
+        yield from bps.pause()
+        yield from bps.trigger_and_read([det])
+
+    return (yield from inner())
+
+
+@pytest.mark.parametrize("ending", ["fail", "abort"])
+def test_failed_or_aborted_scan_gives_a_child_with_the_same_exit_status(
+    RE, hw, store, make_callback, ending
+):
+    raw = Documents()
+    RE.subscribe(make_callback([scaled]))
+    RE.subscribe(raw)
+
+    if ending == "fail":
+        with pytest.raises(RuntimeError, match="sample holder"):
+            RE(three_events_then(hw.det, ending))
+    else:
+        with pytest.raises(RunEngineInterrupted):
+            RE(three_events_then(hw.det, ending))
+        assert RE.state == "paused"
+        RE.abort("aborted by the test")
+
+    [raw_start] = [d for n, d in raw.docs if n == "start"]
+    raw_uid = raw_start["uid"]
+    raw_stop = raw.stop(raw_uid)
+    assert raw_stop["exit_status"] == ending
+    child = only_child(store, raw_uid)
+    stop = child.stop
+    assert stop is not None
+    assert stop["exit_status"] == ending
+    assert stop["reason"] == raw_stop["reason"]
+    assert stop["reduction"]["events_reduced"] == 3
+    assert stop["reduction"]["events_failed"] == 0
+    assert stop["reduction"]["raw_exit_status"] == ending
+    assert stop["num_events"] == {"primary": 3}
+
+
+# --- 7. reducers that fail on one event ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reducer", "stage", "error"),
+    [
+        (RaiseOnSeqNum(seq_num=3), "RaiseOnSeqNum.event", "ValueError"),
+        (GarbageOnSeqNum(seq_num=3, garbage="list"), "GarbageOnSeqNum.event", "AnalysisStoreError"),
+        (GarbageOnSeqNum(seq_num=3, garbage="object"), "writing derived data", "DataValueError"),
+    ],
+    ids=["raises", "returns-a-list", "returns-object-array"],
+)
+def test_a_failing_event_is_recorded_and_the_scan_completes(
+    RE, hw, store, make_callback, reducer, stage, error
+):
+    raw = Documents()
+    RE.subscribe(make_callback([reducer]))
+    RE.subscribe(raw)
+
+    result = RE(count([hw.det], num=5))  # no exception reaches the user
+
+    (raw_uid,) = result
+    assert raw.stop(raw_uid)["exit_status"] == "success"
+    events = raw.events(raw_uid)
+    child = only_child(store, raw_uid)
+    assert column(child, "primary", "parent_seq_num").tolist() == [1, 2, 4, 5]
+    np.testing.assert_allclose(
+        column(child, "primary", "total"), [e["data"]["det"] for e in events if e["seq_num"] != 3]
+    )
+    stop = child.stop
+    assert stop["exit_status"] == "success"
+    assert stop["num_events"] == {"primary": 4}
+    reduction = stop["reduction"]
+    assert reduction["events_reduced"] == 4
+    assert reduction["events_failed"] == 1
+    [failure] = reduction["failures"]
+    assert failure["stage"] == stage
+    assert failure["seq_num"] == 3
+    assert failure["stream"] == "primary"
+    assert failure["event_uid"] == events[2]["uid"]
+    assert failure["error"].startswith(error + ":")
+    assert failure["traceback"].startswith("Traceback (most recent call last)")
+    assert error in failure["traceback"]
+
+
+def test_on_error_raise_in_the_foreground_propagates_to_the_run_engine(
+    RE, hw, make_callback
+):
+    RE.subscribe(make_callback([RaiseOnSeqNum(seq_num=3)], background=False, on_error="raise"))
+
+    with pytest.raises(ValueError, match="refuses seq_num 3"):
+        RE(count([hw.det], num=5))
+
+
+def test_on_error_raise_propagates_a_reducers_key_error(RE, hw, make_callback):
+    """A KeyError of the reducer's own is a failure, not a document of an unknown run."""
+    reducer = functools.partial(scaled, key="not_a_data_key")
+    RE.subscribe(make_callback([reducer], background=False, on_error="raise"))
+
+    with pytest.raises(KeyError, match="not_a_data_key"):
+        RE(count([hw.det], num=2))
+
+
+def test_on_error_raise_is_refused_in_background_mode(store):
+    """On the worker thread an error cannot reach the RunEngine: refused, not a hang."""
+    with pytest.raises(AnalysisStoreError, match="background=False"):
+        AnalysisStoreCallback([scaled], store, on_error="raise")
+    with pytest.raises(AnalysisStoreError, match="background=False"):
+        AnalysisStoreCallback([scaled], store, background=True, on_error="raise")
+
+
+# --- 8. background and foreground give the same child -------------------------------------
+
+
+def test_background_and_foreground_children_of_one_scan_are_identical(
+    RE, hw, store, make_callback
+):
+    hw.img.sim_set_func(FrameSequence())
+    reducers = [functools.partial(scaled, threshold=0.5), image_stats]
+    for mode, background in (("background", True), ("foreground", False)):
+        RE.subscribe(
+            make_callback(
+                reducers, background=background, md={"mode": mode}, writers={"as_u16": "TIFF"}
+            )
+        )
+
+    (raw_uid,) = RE(scan([hw.img, hw.det], hw.motor, -1, 1, 5))
+
+    children = {store[uid].start["mode"]: store[uid] for uid in store.children(raw_uid)}
+    assert set(children) == {"background", "foreground"}
+    back, fore = children["background"], children["foreground"]
+    assert set(back) == set(fore) == {"primary"}
+    assert data_keys(back, "primary") == data_keys(fore, "primary")
+    keys = set(back["primary"])
+    assert keys == set(fore["primary"])
+    compared = {k for k in keys if k != "time" and not k.startswith("ts_")}
+    assert {"total", "shifted", "doubled", "as_u16", "img_total", "parent_seq_num"} <= compared
+    for key in sorted(compared):
+        b, f = column(back, "primary", key), column(fore, "primary", key)
+        assert b.shape == f.shape, key
+        assert b.dtype == f.dtype, key
+        np.testing.assert_array_equal(b, f, err_msg=key)
+    assert len(column(back, "primary", "doubled")) == 5
+    assert back.stop["reduction"]["events_reduced"] == fore.stop["reduction"]["events_reduced"] == 5
+    assert back.stop["num_events"] == fore.stop["num_events"] == {"primary": 5}
+
+
+# --- 9. a reader in another process sees derived events during the scan --------------------
+
+READER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from bluesky_analysis_store import AnalysisStore
+
+    folder, uid_file, out_file, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(uid_file):
+        if time.monotonic() > deadline:
+            sys.exit("the raw uid never came")
+        time.sleep(0.05)
+    with open(uid_file) as f:
+        raw_uid = f.read().strip()
+    store = AnalysisStore.open(folder)
+    result = {"raw_uid": raw_uid, "seen": 0, "child_stopped": None, "errors": []}
+    while time.monotonic() < deadline:
+        try:
+            children = store.children(raw_uid)
+            if children:
+                run = store[children[0]]
+                seen = len(run["primary"]["total"].read())
+                if seen:
+                    result["seen"] = seen
+                    result["child_stopped"] = run.metadata.get("stop") is not None
+                    break
+        except Exception as error:  # the stream may not exist yet
+            result["errors"] = (result["errors"] + [repr(error)])[-5:]
+        time.sleep(0.1)
+    with open(out_file + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(out_file + ".tmp", out_file)
+    print(json.dumps(result), flush=True)
+    """
+)
+
+
+def test_another_process_sees_derived_events_before_the_raw_run_ends(
+    RE, hw, store, live_store_folder, make_callback, tmp_path
+):
+    timeout = 60.0
+    uid_file, out_file = tmp_path / "raw_uid.txt", tmp_path / "reader.json"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER_SCRIPT, str(live_store_folder), str(uid_file), str(out_file),
+         str(timeout)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def publish_uid(name: str, doc: dict[str, Any]) -> None:
+        (tmp_path / "uid.tmp").write_text(doc["uid"])
+        os.replace(tmp_path / "uid.tmp", uid_file)
+
+    reader_done_before_stop: list[bool] = []
+
+    @bpp.run_decorator()
+    def events_then_wait():
+        for _ in range(3):
+            yield from bps.trigger_and_read([hw.det])
+        deadline = time.monotonic() + timeout
+        while not out_file.exists() and reader.poll() is None and time.monotonic() < deadline:
+            yield from bps.sleep(0.1)
+        reader_done_before_stop.append(out_file.exists())
+
+    RE.subscribe(make_callback([scaled]))  # background mode, the default
+    RE.subscribe(publish_uid, "start")
+    try:
+        (raw_uid,) = RE(events_then_wait())
+        stdout, stderr = reader.communicate(timeout=timeout)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.communicate()
+
+    assert reader.returncode == 0, stderr
+    assert reader_done_before_stop == [True], f"the reader had not finished: {stderr[-2000:]}"
+    result = json.loads(out_file.read_text())
+    assert json.loads(stdout.strip().splitlines()[-1]) == result
+    assert result["raw_uid"] == raw_uid
+    assert 1 <= result["seen"] <= 3, result
+    assert result["child_stopped"] is False, "the child run was already finished when read"
+    assert len(column(only_child(store, raw_uid), "primary", "total")) == 3
+
+
+# --- 10. a run whose start was missed ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("background", "on_error"),
+    [(True, "record"), (False, "record"), (False, "raise")],
+    ids=["background", "foreground", "foreground-raise"],
+)
+def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
+    RE, hw, store, make_callback, caplog, background, on_error
+):
+    raw = Documents()
+    RE.subscribe(raw)
+    (missed_uid,) = RE(count([hw.det, hw.img], num=3))
+    callback = make_callback([scaled], background=background, on_error=on_error)
+
+    with caplog.at_level(logging.WARNING, logger="bluesky_analysis_store"):
+        for name, doc in raw.run(missed_uid)[1:]:
+            callback(name, doc)
+        assert raw.run(missed_uid)[0][0] == "start"
+        RE.subscribe(callback)
+        (next_uid,) = RE(count([hw.det], num=2))
+
+    assert store.children(missed_uid) == []
+    child = only_child(store, next_uid)
+    assert child.stop["num_events"] == {"primary": 2}
+    assert any("start was not seen" in r.getMessage() for r in caplog.records)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], "a run whose start was missed is ignored, not a failure"
+
+
+# --- 11. flush and close ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+def test_flush_saves_what_was_handed_over_and_close_ignores_later_documents(
+    RE, hw, store, make_callback, caplog, background
+):
+    raw = Documents()
+    RE.subscribe(raw)
+    (open_uid,) = RE(count([hw.det], num=4))
+    (late_uid,) = RE(count([hw.det], num=2))
+    callback = make_callback([functools.partial(scaled, threshold=1)], background=background)
+
+    documents = raw.run(open_uid)
+    assert documents[-1][0] == "stop"
+    for name, doc in documents[:-1]:
+        callback(name, doc)
+    assert callback.flush(timeout=60) is True
+    # Everything but the stop was handed over: the child and its events are readable now.
+    child = only_child(store, open_uid)
+    assert len(column(child, "primary", "total")) == 4
+    assert child.metadata.get("stop") is None
+
+    callback(*documents[-1])
+    assert callback.flush(timeout=60) is True
+    assert only_child(store, open_uid).stop["num_events"] == {"primary": 4}
+
+    callback.close(timeout=60)
+    with caplog.at_level(logging.WARNING, logger="bluesky_analysis_store"):
+        for name, doc in raw.run(late_uid):
+            callback(name, doc)  # ignored, without raising
+        RE.subscribe(callback)
+        (ignored_uid,) = RE(count([hw.det], num=2))
+    callback.close(timeout=60)  # closing twice is harmless
+
+    assert store.children(late_uid) == []
+    assert store.children(ignored_uid) == []
+    assert any("closed" in r.getMessage() for r in caplog.records)
+
+
+# --- 12. provenance is checked when the callback is made -----------------------------------
+
+
+def test_a_lambda_reducer_is_refused_unless_strict_is_off(RE, hw, store, make_callback):
+    def local_reducer(data):
+        return {"total": float(data["det"])}
+
+    with pytest.raises(ProvenanceError, match="lambda"):
+        AnalysisStoreCallback([lambda data: {"total": float(data["det"])}], store)
+    with pytest.raises(ProvenanceError, match="local_reducer"):
+        AnalysisStoreCallback([local_reducer], store)
+
+    RE.subscribe(make_callback([lambda data: {"total": 2 * float(data["det"])}], strict=False))
+    raw = Documents()
+    RE.subscribe(raw)
+    (raw_uid,) = RE(count([hw.det], num=2))
+
+    child = only_child(store, raw_uid)
+    provenance = child.start["provenance"]
+    assert provenance["strict"] is False
+    [code] = provenance["code"]
+    assert "<lambda>" in code["name"]
+    assert code["importable"] is False
+    assert any("<lambda>" in gap for gap in provenance["missing"])
+    np.testing.assert_allclose(
+        column(child, "primary", "total"), [2 * e["data"]["det"] for e in raw.events(raw_uid)]
+    )
