@@ -1,0 +1,341 @@
+"""Offline reduction: raw runs saved in a real embedded store, reduced again by ``reprocess``.
+
+The raw runs come from a real RunEngine with the store subscribed; their frames are NPY files
+in a folder the store may read. A module shares one store (creating one costs seconds); every
+test makes raw runs of its own and looks only at those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import pathlib
+import sys
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from bluesky import RunEngine  # noqa: E402
+from bluesky.plans import count  # noqa: E402
+from bluesky.run_engine import TransitionError  # noqa: E402
+from ophyd.sim import SynAxis  # noqa: E402
+
+from _offline_reducers import (  # noqa: E402
+    Recorder,
+    dark_then_positions,
+    frame_peak,
+    row_sums,
+    scaled_total,
+)
+from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback, reprocess  # noqa: E402
+from bluesky_analysis_store.example_reducers import (  # noqa: E402
+    DarkSubtracted,
+    normalise_and_sum,
+)
+from bluesky_analysis_store.sim import spot_camera  # noqa: E402
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("raw")
+
+
+@pytest.fixture(scope="module")
+def store_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def store(store_folder: pathlib.Path, raw_folder: pathlib.Path) -> AnalysisStore:
+    """Raw and derived runs side by side; the raw frames are readable by the store."""
+    return AnalysisStore.open(store_folder, readable=[raw_folder])
+
+
+@pytest.fixture
+def RE(store: AnalysisStore):  # noqa: N802 - the name every bluesky user knows
+    """A RunEngine whose raw runs are saved into the store."""
+    loop = asyncio.new_event_loop()
+    engine = RunEngine({}, loop=loop)
+    engine.subscribe(store)
+    yield engine
+    if engine.state not in ("idle", "panicked"):
+        try:
+            engine.halt()
+        except TransitionError:
+            pass
+    loop.call_soon_threadsafe(loop.stop)
+    engine._th.join()
+    loop.close()
+
+
+@pytest.fixture
+def recorder(RE: RunEngine) -> Recorder:  # noqa: N803
+    recorder = Recorder()
+    RE.subscribe(recorder)
+    return recorder
+
+
+@pytest.fixture
+def motor() -> SynAxis:
+    return SynAxis(name="motor")
+
+
+@pytest.fixture
+def cam(motor: SynAxis, raw_folder: pathlib.Path) -> Any:
+    return spot_camera(motor, str(raw_folder), shape=(32, 32))
+
+
+@pytest.fixture
+def make_callback(store: AnalysisStore):
+    """Live callbacks on the module's store; each is closed (worker joined) afterwards."""
+    made: list[AnalysisStoreCallback] = []
+
+    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
+        callback = AnalysisStoreCallback(reducers, store, **kwargs)
+        made.append(callback)
+        return callback
+
+    yield make
+    for callback in made:
+        callback.close(timeout=60)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def data_columns(run: Any, stream: str) -> list[str]:
+    """The stream's columns that hold data: not the event times nor the timestamps."""
+    return sorted(k for k in run[stream] if k != "time" and not k.startswith("ts_"))
+
+
+def assert_same_array(a: Any, b: Any, what: str) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    np.testing.assert_array_equal(a, b, err_msg=what)
+
+
+def asset_entries(store: AnalysisStore) -> set[str]:
+    """The top-level entries of the store's asset folder: one folder per child run."""
+    return set(os.listdir(store.asset_root))
+
+
+def files_of(store: AnalysisStore, child_uid: str) -> list[str]:
+    folder = pathlib.Path(store.asset_root, child_uid)
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# --- 1. live and offline reduction give the same child data --------------------------------
+
+
+def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor, make_callback):
+    reducers = [normalise_and_sum, row_sums, DarkSubtracted(key="cam")]
+    writers = {"corrected": "TIFF"}
+    RE.subscribe(make_callback(reducers, writers=writers))
+    # Two different dark frames: the second replaces the first half way, so the offline
+    # replay must interleave the streams in time exactly as the RunEngine emitted them.
+    plan = dark_then_positions(cam, motor, [-2.0, -1.0, 0.5, 1.0, 2.0], darks={0: -4.0, 3: 4.0})
+    (raw_uid,) = RE(plan)
+    [live_uid] = store.children(raw_uid)
+
+    report = reprocess(store, raw_uid, reducers, store, writers=writers, force=True, progress=False)
+
+    assert report.failed == {} and report.skipped == {}
+    offline_uid = report.saved[raw_uid]
+    assert offline_uid != live_uid
+    assert store.children(raw_uid) == [offline_uid, live_uid]
+    live, offline = store[live_uid], store[offline_uid]
+    assert live.start["parent_uids"] == offline.start["parent_uids"] == [raw_uid]
+    assert live.start["provenance"]["code"] == offline.start["provenance"]["code"]
+
+    expected = {
+        "primary": [
+            "corrected", "corrected_total", "normalised", "parent_seq_num", "row_sums",
+            "seq_num", "total",
+        ],
+        "summary": ["seq_num", "summed"],
+    }
+    assert sorted(live) == sorted(offline) == sorted(expected)
+    for stream, keys in expected.items():
+        assert data_columns(live, stream) == data_columns(offline, stream) == keys
+        # The frame-valued keys went to files, identically described in both children.
+        live_keys = live[stream].descriptors[0]["data_keys"]
+        offline_keys = offline[stream].descriptors[0]["data_keys"]
+        assert live_keys == offline_keys
+        for key in keys:
+            assert_same_array(
+                live[stream][key].read(), offline[stream][key].read(), f"{stream}/{key}"
+            )
+    files = (("primary", "normalised"), ("primary", "corrected"), ("primary", "row_sums"),
+             ("summary", "summed"))
+    for stream, key in files:
+        assert live[stream].descriptors[0]["data_keys"][key].get("external") == "STREAM:"
+    assert files_of(store, offline_uid), "the offline child wrote no files of its own"
+
+    # Both hold the right numbers, not merely the same ones.
+    raw = store[raw_uid]
+    raw_frames = raw["primary"]["cam"].read()
+    assert raw_frames.dtype == np.uint16  # as the camera took them
+    assert_same_array(offline["primary"]["row_sums"].read(), raw_frames.sum(axis=2), "row_sums")
+    frames = np.asarray(raw_frames, dtype=np.float32)
+    darks = np.asarray(raw["dark"]["cam"].read(), dtype=np.float32)
+    assert frames.shape == (5, 32, 32) and darks.shape == (2, 32, 32)
+    assert not np.array_equal(darks[0], darks[1])
+    corrected = frames - darks[[0, 0, 0, 1, 1]]
+    np.testing.assert_array_equal(offline["primary"]["corrected"].read(), corrected)
+    np.testing.assert_array_equal(
+        offline["primary"]["total"].read(), frames.sum(axis=(1, 2), dtype=np.float64)
+    )
+    np.testing.assert_array_equal(offline["summary"]["summed"].read()[0], corrected.sum(axis=0))
+    assert offline["primary"]["parent_seq_num"].read().tolist() == [1, 2, 3, 4, 5]
+
+
+# --- 2. a batch with one corrupt run -------------------------------------------------------
+
+
+def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
+    RE, store, cam, recorder, make_callback
+):
+    reducers = [normalise_and_sum]
+    corrupt_at = 2
+    # Reduce three runs live first, the one that will be corrupted among them.
+    live_token = RE.subscribe(make_callback(reducers))
+    raw_uids = []
+    for n in range(20):
+        if n == 3:
+            RE.unsubscribe(live_token)
+        # The corrupt run is longer than a replay block, and its last frame goes missing:
+        # derived files of its first events are written before the failure.
+        raw_uids += RE(count([cam], num=24 if n == corrupt_at else 3))
+    corrupt_uid = raw_uids[corrupt_at]
+    earlier = {uid: store.children(uid) for uid in raw_uids}
+    reduced_before = {uid: kids[0] for uid, kids in earlier.items() if kids}
+    assert set(reduced_before) == set(raw_uids[:3])
+    assert all(len(kids) <= 1 for kids in earlier.values())
+    saved_before = {
+        uid: (store[child]["primary"]["total"].read(), store[child]["primary"]["normalised"].read())
+        for uid, child in reduced_before.items()
+    }
+    runs_before = len(store)
+    entries_before = asset_entries(store)
+
+    missing = recorder.frame_files(corrupt_uid)[("primary", 24)]
+    os.remove(missing)
+
+    report = reprocess(store, raw_uids, reducers, store, force=True, progress=False)
+
+    assert list(report.failed) == [corrupt_uid]
+    assert os.path.basename(missing) in report.failed[corrupt_uid]
+    assert report.skipped == {}
+    assert set(report.saved) == set(raw_uids) - {corrupt_uid}
+    assert len(set(report.saved.values())) == 19
+    assert corrupt_uid in str(report)
+
+    # The 19 good runs got a new, complete child each.
+    later = {uid: store.children(uid) for uid in raw_uids}
+    for uid, child_uid in report.saved.items():
+        assert later[uid] == [child_uid, *earlier[uid]]
+        child = store[child_uid]
+        assert child.stop["exit_status"] == "success"
+        assert child.stop["num_events"] == {"primary": 3}
+        assert len(child["primary"]["normalised"].read()) == 3
+    # Nothing was saved for the corrupt run, and nothing of its attempt was left on disk.
+    assert later[corrupt_uid] == earlier[corrupt_uid]
+    assert len(store) == runs_before + 19
+    assert asset_entries(store) == entries_before | set(report.saved.values())
+    # What was saved before the batch is still there and reads back the same.
+    for uid, child_uid in reduced_before.items():
+        assert child_uid in later[uid]
+        total, normalised = saved_before[uid]
+        assert_same_array(store[child_uid]["primary"]["total"].read(), total, "total")
+        assert_same_array(
+            store[child_uid]["primary"]["normalised"].read(), normalised, "normalised"
+        )
+    assert files_of(store, reduced_before[corrupt_uid])
+
+
+# --- 3. skipped when already reduced by the same code; new code, new child ----------------
+
+
+def test_same_code_is_skipped_and_other_code_gives_a_new_child_beside_the_old(
+    RE, store, cam, make_callback
+):
+    doubled = functools.partial(scaled_total, factor=2.0)
+    RE.subscribe(make_callback([doubled]))
+    (raw_uid,) = RE(count([cam], num=3))
+    [live_uid] = store.children(raw_uid)
+
+    same = functools.partial(scaled_total, factor=2.0)  # an equal partial, not the same object
+    again = reprocess(store, raw_uid, [same], store, progress=False)
+    assert again.skipped == {raw_uid: live_uid}
+    assert again.saved == {} and again.failed == {}
+    assert store.children(raw_uid) == [live_uid]
+
+    forced = reprocess(store, raw_uid, [doubled], store, force=True, progress=False)
+    assert forced.skipped == {} and list(forced.saved) == [raw_uid]
+    forced_uid = forced.saved[raw_uid]
+
+    tripled = functools.partial(scaled_total, factor=3.0)
+    new_params = reprocess(store, raw_uid, [tripled], store, progress=False)
+    assert new_params.skipped == {} and list(new_params.saved) == [raw_uid]
+    tripled_uid = new_params.saved[raw_uid]
+
+    new_function = reprocess(store, raw_uid, [frame_peak], store, progress=False)
+    assert new_function.skipped == {} and list(new_function.saved) == [raw_uid]
+    peak_uid = new_function.saved[raw_uid]
+
+    # With several children, the one made by the same code is the one named.
+    assert reprocess(store, raw_uid, [tripled], store, progress=False).skipped == {
+        raw_uid: tripled_uid
+    }
+
+    children = store.children(raw_uid)
+    assert children == [peak_uid, tripled_uid, forced_uid, live_uid]
+    times = [store[c].start["time"] for c in children]
+    assert times == sorted(times, reverse=True) and len(set(times)) == 4
+    codes = {c: store[c].start["provenance"]["code"] for c in children}
+    expected_params = {live_uid: 2.0, forced_uid: 2.0, tripled_uid: 3.0}
+    for uid, factor in expected_params.items():
+        [code] = codes[uid]
+        assert code["name"] == "_offline_reducers:scaled_total"
+        assert code["params"] == {"factor": factor}
+    [peak_code] = codes[peak_uid]
+    assert peak_code["name"] == "_offline_reducers:frame_peak"
+    assert "params" not in peak_code
+    assert codes[live_uid][0]["version"] == peak_code["version"]  # same file, same version
+
+    # The data follow the code, and the oldest child is untouched.
+    live_total = store[live_uid]["primary"]["total"].read()
+    frames = np.asarray(store[raw_uid]["primary"]["cam"].read())
+    np.testing.assert_array_equal(live_total, 2.0 * frames.sum(axis=(1, 2), dtype=np.float64))
+    assert_same_array(store[forced_uid]["primary"]["total"].read(), live_total, "forced total")
+    np.testing.assert_array_equal(store[tripled_uid]["primary"]["total"].read(), 1.5 * live_total)
+    assert store[peak_uid]["primary"]["peak"].read().tolist() == frames.max(axis=(1, 2)).tolist()
+    assert "peak" not in store[live_uid]["primary"]
+
+
+# --- 4. progress bars -----------------------------------------------------------------------
+
+
+def test_progress_bars_go_to_stderr_only_when_asked(RE, store, cam, capfd):
+    raw_uids = [RE(count([cam], num=3))[0] for _ in range(2)]
+    capfd.readouterr()
+
+    report = reprocess(store, raw_uids, [scaled_total], store, progress=True)
+    captured = capfd.readouterr()
+    assert set(report.saved) == set(raw_uids)
+    assert "runs" in captured.err and "2/2" in captured.err
+    for uid in raw_uids:  # and one bar over the 3 events of each run
+        assert f"{uid[:8]}:   0%" in captured.err and "0/3" in captured.err
+    assert captured.out == ""
+
+    report = reprocess(store, raw_uids, [scaled_total], store, force=True, progress=False)
+    captured = capfd.readouterr()
+    assert set(report.saved) == set(raw_uids)
+    assert captured.err == ""
+    assert captured.out == ""
