@@ -232,6 +232,12 @@ class RunReduction(DocumentRouter):
             self.events_failed,
         )
 
+    def close(self) -> None:
+        """Release open files of a run that will not be completed."""
+        if self._composer is not None:
+            self._composer.close()
+        self._filler.close()
+
     # --- failures -----------------------------------------------------------------------
 
     def _guard(self, func: Callable[..., Any], *args: Any, stage: str) -> None:

@@ -159,6 +159,7 @@ def _reprocess_one(
         if unreadable:
             raise AnalysisStoreError(f"raw data could not be loaded: {unreadable[0]['error']}")
     except Exception:
+        reduction.close()
         _remove_child_files(plan, reduction.child_uid)
         raise
     finally:
