@@ -121,8 +121,9 @@ def merge_data_key(
     """Widen ``known`` to admit ``new``, or refuse when the change cannot be stored.
 
     Values written to files keep one shape and dtype per stream: each file format stores
-    frames of one kind and tiled reads them as one array. Inline values may vary in length
-    (the dimension becomes ``None``) and numbers may widen (int to float).
+    frames of one kind and tiled reads them as one array. Inline values keep one shape too
+    (the catalog's tables hold no variable-length arrays), but numbers may widen (int to
+    float) and strings may grow.
     """
     if known["shape"] == new["shape"] and known["dtype_numpy"] == new["dtype_numpy"]:
         return dict(known)
@@ -132,13 +133,13 @@ def merge_data_key(
             f"and dtype: first {tuple(known['shape'])} {known['dtype_numpy']}, "
             f"then {tuple(new['shape'])} {new['dtype_numpy']}"
         )
-    if len(known["shape"]) != len(new["shape"]):
+    if known["shape"] != new["shape"]:
         raise DataValueError(
-            f"{key!r} changed its number of dimensions within a stream: "
-            f"{tuple(known['shape'])} then {tuple(new['shape'])}"
+            f"{key!r} changed its shape within a stream: {tuple(known['shape'])} then "
+            f"{tuple(new['shape'])}; the store keeps one shape per key and stream (pad the "
+            "values, or save them in separate streams)"
         )
     merged = dict(known)
-    merged["shape"] = [a if a == b else None for a, b in zip(known["shape"], new["shape"])]
     try:
         dtype = np.result_type(np.dtype(known["dtype_numpy"]), np.dtype(new["dtype_numpy"]))
     except TypeError as error:

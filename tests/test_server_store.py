@@ -1,0 +1,181 @@
+"""The analysis store behind a real tiled server: a ``tiled serve catalog`` process on
+127.0.0.1, written and read through ``AnalysisStore.from_uri``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from _helpers import (
+    DTYPES,
+    FORMAT_NAMES,
+    PROVENANCE,
+    assert_same_array,
+    files_under,
+    make_frames,
+)
+
+from bluesky_analysis_store import AnalysisStore, AssetLocationError, RunNotFoundError
+
+pytestmark = pytest.mark.usefixtures("isolated_env")
+
+API_KEY = "secret"
+STARTUP_DEADLINE = 120.0  # seconds to wait for the server to answer, not a measured time
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.assets = folder / "assets"
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("tiled-server")
+    srv = Server(folder)
+    for name in ("data", "assets"):
+        (folder / name).mkdir()
+    tiled = Path(sys.executable).with_name("tiled")
+    command = [
+        str(tiled), "serve", "catalog", str(folder / "catalog.db"), "--init",
+        "--write", str(folder / "data"), "--write", f"sqlite:///{folder / 'tables.db'}",
+        "--read", str(srv.assets),
+        "--host", "127.0.0.1", "--port", str(srv.port), "--api-key", API_KEY,
+    ]
+    log_path = folder / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+        try:
+            deadline = time.monotonic() + STARTUP_DEADLINE
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"tiled server exited with {process.returncode}:\n"
+                                + log_path.read_text())
+                try:
+                    response = httpx.get(f"{srv.uri}/api/v1/", timeout=2)
+                    if response.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail("tiled server did not answer:\n" + log_path.read_text())
+                time.sleep(0.2)
+            yield srv
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def store(server: Server) -> AnalysisStore:
+    return AnalysisStore.from_uri(server.uri, api_key=API_KEY, asset_root=server.assets,
+                                  readable_roots=[server.assets])
+
+
+def fresh_reader(server: Server) -> AnalysisStore:
+    """A new client: what it reads, the server read from its catalog and files."""
+    return AnalysisStore.from_uri(server.uri, api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def saved(server: Server, store: AnalysisStore) -> dict[str, tuple[str, dict[str, list]]]:
+    """One run per format with an image and a pattern key per dtype (one save per format)."""
+    runs = {}
+    for fmt_name in FORMAT_NAMES:
+        frames = {}
+        for dtype in DTYPES:
+            frames[f"img_{dtype}"] = make_frames(dtype, (5, 4), count=3)
+            frames[f"pattern_{dtype}"] = make_frames(dtype, (9,), count=3, seed=1)
+        uid = store.save(
+            [{"primary": {**{k: f[n] for k, f in frames.items()}, "n": n}} for n in range(3)],
+            {"server": True}, dict.fromkeys(frames, fmt_name), root=server.assets,
+            **PROVENANCE,
+        )
+        runs[fmt_name] = (uid, frames)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reader(server: Server, saved) -> AnalysisStore:
+    """A new client: what it reads, the server read from its catalog and files."""
+    return AnalysisStore.from_uri(server.uri, api_key=API_KEY)
+
+
+@pytest.mark.parametrize("fmt_name", FORMAT_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_save_and_read_back_through_the_server(
+    fmt_name, dtype, server: Server, saved, reader: AnalysisStore
+) -> None:
+    uid, frames = saved[fmt_name]
+    assert files_under(server.assets / uid)
+    run = reader[uid]
+    for key in (f"img_{dtype}", f"pattern_{dtype}"):
+        assert_same_array(run["primary"][key].read(), np.stack(frames[key]))
+    np.testing.assert_array_equal(run["primary"]["n"].read(), [0, 1, 2])
+    assert run.start["server"] is True
+    assert run.start["parent_uids"] == PROVENANCE["parents"]
+    assert run.stop["num_events"] == {"primary": 3}
+
+
+def test_save_uses_the_asset_root_by_default(server: Server, store: AnalysisStore) -> None:
+    frames = make_frames("uint16", (3, 3), count=2)
+    uid = store.save([{"primary": {"img": f}} for f in frames], {}, {"img": "TIFF"},
+                     **PROVENANCE)
+    assert len(files_under(server.assets / uid)) == 2
+    assert_same_array(fresh_reader(server)[uid]["primary"]["img"].read(), np.stack(frames))
+
+
+def test_children_and_missing_runs(server: Server, store: AnalysisStore) -> None:
+    parent = str(uuid.uuid4())
+    first = store.save([{"primary": {"x": 1.0}}], {}, parents=[parent], code=np.mean)
+    time.sleep(0.01)
+    second = store.save([{"primary": {"x": 2.0}}], {}, parents=[parent], code=np.mean)
+    store.save([{"primary": {"x": 3.0}}], {}, parents=[parent + "0"], code=np.mean)
+    assert fresh_reader(server).children(parent) == [second, first]
+    missing = str(uuid.uuid4())
+    with pytest.raises(RunNotFoundError):
+        store[missing]
+    assert missing not in store and first in store
+
+
+def test_assets_the_server_cannot_read_are_refused(
+    server: Server, store: AnalysisStore, tmp_path: Path
+) -> None:
+    before = set(store.client)
+    with pytest.raises(AssetLocationError):
+        store.save([{"primary": {"img": np.ones((2, 2))}}], {}, {"img": "NPY"},
+                   root=tmp_path / "elsewhere", **PROVENANCE)
+    (run_folder,) = [p.name for p in (tmp_path / "elsewhere").iterdir()]
+    assert run_folder not in store
+    assert set(store.client) == before
+
+
+def test_open_accepts_a_server_uri(server: Server, store: AnalysisStore,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    uid = store.save([{"primary": {"x": 1}}], {"via": "open"}, **PROVENANCE)
+    monkeypatch.setenv("TILED_API_KEY", API_KEY)
+    opened = AnalysisStore.open(server.uri)
+    assert opened.location == server.uri
+    assert opened[uid].start["via"] == "open"
+    assert os.fspath(server.assets) not in (opened.readable_roots or [])

@@ -1,0 +1,268 @@
+"""The embedded analysis store: opening and reopening it, saving runs (``save`` and as a document
+callback), reading them back, finding the children of a parent run, and refusing assets the
+store could not read."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _helpers import (
+    PROVENANCE,
+    assert_same_array,
+    count_names,
+    docs_named,
+    files_under,
+    make_frames,
+    validate,
+)
+from tiled.client.base import BaseClient
+from tiled.queries import Key
+
+from bluesky_analysis_store import (
+    STORE_ENV,
+    AnalysisStore,
+    AssetLocationError,
+    RunNotFoundError,
+    compose_documents,
+    make_provenance,
+)
+from bluesky_analysis_store._store import default_store_location
+
+pytestmark = pytest.mark.usefixtures("isolated_env")
+
+
+def save_child(store: AnalysisStore, parent_uid: str, value: float) -> str:
+    return store.save([{"primary": {"value": value}}], {"purpose": "children"},
+                      parents=[parent_uid], code=np.mean)
+
+
+# --- opening ------------------------------------------------------------------------------------
+
+
+def test_open_creates_the_store_and_a_reopened_store_finds_its_runs(
+    shared_store: AnalysisStore, store_folder: Path
+) -> None:
+    assert (store_folder / "catalog.db").is_file()
+    assert Path(shared_store.asset_root) == store_folder / "assets"
+    assert shared_store.location == str(store_folder)
+    frames = make_frames("float32", (3, 3))
+    uid = shared_store.save([{"primary": {"img": f}} for f in frames], {"label": "reopen"},
+                            {"img": "TIFF"}, **PROVENANCE)
+
+    reopened = AnalysisStore.open(store_folder)
+    assert uid in reopened
+    run = reopened[uid]
+    assert run.start["uid"] == uid and run.start["label"] == "reopen"
+    assert_same_array(run["primary"]["img"].read(), np.stack(frames))
+    # (No len() comparisons: tiled's client caches a container's length for a while.)
+
+
+def test_default_location_comes_from_the_environment(
+    shared_store: AnalysisStore, store_folder: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    uid = save_child(shared_store, str(uuid.uuid4()), 1.0)
+    monkeypatch.setenv(STORE_ENV, str(store_folder))
+    store = AnalysisStore.open()
+    assert store.location == str(store_folder)
+    assert uid in store
+    monkeypatch.delenv(STORE_ENV)
+    monkeypatch.chdir(tmp_path)
+    assert default_store_location() == "analysis-store"
+
+
+def test_client_is_a_tiled_client(shared_store: AnalysisStore) -> None:
+    assert isinstance(shared_store.client, BaseClient)
+    uid = save_child(shared_store, str(uuid.uuid4()), 2.0)
+    assert uid in shared_store.client
+    assert shared_store.client[uid].start["uid"] == uid
+
+
+def test_a_missing_run(shared_store: AnalysisStore) -> None:
+    missing = str(uuid.uuid4())
+    with pytest.raises(RunNotFoundError, match=missing):
+        shared_store[missing]
+    with pytest.raises(KeyError):
+        shared_store[missing]
+    assert missing not in shared_store
+    assert 3 not in shared_store
+
+
+# --- saving and reading -------------------------------------------------------------------------
+
+
+def test_save_returns_the_uid_of_a_complete_run(
+    shared_store: AnalysisStore, reader: AnalysisStore
+) -> None:
+    images = make_frames("uint16", (6, 5), count=3)
+    uid = shared_store.save(
+        [{"primary": {"img": images[n], "x": 0.5 * n, "label": f"p{n}"}} for n in range(3)]
+        + [{"baseline": {"temperature": 293.5}}],
+        {"sample": "Si", "nested": {"a": [1, 2]}},
+        {"img": "HDF5"},
+        **PROVENANCE,
+    )
+    assert uid in reader
+    run = reader[uid]
+    assert sorted(run) == ["baseline", "primary"]
+    assert_same_array(run["primary"]["img"].read(), np.stack(images))
+    np.testing.assert_array_equal(run["primary"]["x"].read(), [0.0, 0.5, 1.0])
+    assert list(run["primary"]["label"].read()) == ["p0", "p1", "p2"]
+    np.testing.assert_array_equal(run["baseline"]["temperature"].read(), [293.5])
+    assert run.start["sample"] == "Si" and run.start["nested"] == {"a": [1, 2]}
+    assert run.start["parent_uids"] == PROVENANCE["parents"]
+    assert run.start["provenance"]["code"][0]["distribution"] == "numpy"
+    assert run.stop["num_events"] == {"primary": 3, "baseline": 1}
+    assert run.stop["exit_status"] == "success"
+
+
+def test_inline_arrays_are_saved_and_read_back(
+    shared_store: AnalysisStore, reader: AnalysisStore
+) -> None:
+    patterns = [np.linspace(0, n, 7, dtype="f4") for n in range(3)]
+    uid = shared_store.save(
+        [{"primary": {"pattern": patterns[n], "hkl": np.array([1, 1, n])}} for n in range(3)],
+        {},
+        None,  # no writers: the arrays stay inline in the events
+        **PROVENANCE,
+    )
+    run = reader[uid]
+    assert_same_array(run["primary"]["pattern"].read(), np.stack(patterns))
+    np.testing.assert_array_equal(run["primary"]["hkl"].read(), [[1, 1, 0], [1, 1, 1], [1, 1, 2]])
+
+
+def test_the_store_as_a_document_callback(
+    shared_store: AnalysisStore, reader: AnalysisStore
+) -> None:
+    images = make_frames("int64", (4, 4), count=2)
+    patterns = make_frames("float32", (10,), count=2)
+    documents = validate(
+        compose_documents(
+            [{"primary": {"img": images[n], "pattern": patterns[n], "n": n}} for n in range(2)],
+            {"via": "callback"}, {"img": "TIFF", "pattern": "NPY"},
+            root=shared_store.asset_root, **PROVENANCE,
+        )
+    )
+    for name, doc in documents:
+        shared_store(name, doc)
+    run = reader[documents[0][1]["uid"]]
+    assert run.start["via"] == "callback"
+    assert_same_array(run["primary"]["img"].read(), np.stack(images))
+    assert_same_array(run["primary"]["pattern"].read(), np.stack(patterns))
+    np.testing.assert_array_equal(run["primary"]["n"].read(), [0, 1])
+    assert run.stop["num_events"] == {"primary": 2}
+
+
+def test_flush_makes_rows_of_an_open_run_visible(
+    store_folder: Path, reader: AnalysisStore
+) -> None:
+    store = AnalysisStore.open(store_folder, flush_interval=3600)
+    documents = validate(
+        compose_documents([{"primary": {"x": float(n)}} for n in range(4)], {},
+                          **PROVENANCE)
+    )
+    uid = documents[0][1]["uid"]
+    *running, stop = documents
+    for name, doc in running:
+        store(name, doc)
+    store.flush()
+    np.testing.assert_array_equal(reader[uid]["primary"]["x"].read(), [0.0, 1.0, 2.0, 3.0])
+    assert "stop" not in reader[uid].metadata
+    store(*stop)
+    assert reader[uid].stop["num_events"] == {"primary": 4}
+
+
+# --- children -----------------------------------------------------------------------------------
+
+
+def test_children_newest_first(shared_store: AnalysisStore) -> None:
+    parent = str(uuid.uuid4())
+    other = parent + "-other"  # contains ``parent``: a substring match would find its children
+    first = save_child(shared_store, parent, 1.0)
+    time.sleep(0.01)  # start times must differ for "newest first" to mean something
+    second = save_child(shared_store, parent, 2.0)
+    of_other = save_child(shared_store, other, 3.0)
+
+    assert shared_store.children(parent) == [second, first]
+    assert shared_store.children(other) == [of_other]
+    assert shared_store.children(str(uuid.uuid4())) == []
+    assert shared_store[second].start["time"] > shared_store[first].start["time"]
+
+
+def test_a_run_can_be_the_parent(shared_store: AnalysisStore) -> None:
+    parent = save_child(shared_store, str(uuid.uuid4()), 1.0)
+    parent_uids, provenance = make_provenance(parents=shared_store[parent], code=np.mean)
+    assert parent_uids == [parent]
+    assert provenance["parents"] == [{"uid": parent, "streams": ["primary"]}]
+    child = shared_store.save([{"primary": {"y": 1}}], {}, parents=shared_store[parent],
+                              code=np.mean)
+    assert shared_store.children(parent) == [child]
+
+
+def test_search(shared_store: AnalysisStore) -> None:
+    tag = uuid.uuid4().hex
+    uid = shared_store.save([{"primary": {"x": 1}}], {"tag": tag}, **PROVENANCE)
+    assert list(shared_store.search(Key("start.tag") == tag)) == [uid]
+
+
+# --- assets the store could not read ------------------------------------------------------------
+
+
+def test_save_refuses_files_outside_the_store_before_saving(
+    shared_store: AnalysisStore, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    before = set(shared_store.client)
+    refused = pytest.raises(AssetLocationError, match="outside the folders this store may read")
+    with refused as caught:
+        shared_store.save([{"primary": {"img": np.ones((2, 2))}}], {}, {"img": "TIFF"},
+                          root=outside, **PROVENANCE)
+    assert isinstance(caught.value, PermissionError)
+    (run_folder,) = [p.name for p in outside.iterdir()]  # the composer names it by run uid
+    assert run_folder not in shared_store
+    assert set(shared_store.client) == before
+
+
+def test_callback_refuses_a_stream_resource_outside_the_store(
+    shared_store: AnalysisStore, tmp_path: Path
+) -> None:
+    documents = validate(
+        compose_documents([{"primary": {"img": np.ones((2, 2))}}], {}, {"img": "NPY"},
+                          root=tmp_path / "outside", **PROVENANCE)
+    )
+    refused = []
+    for name, doc in documents:
+        try:
+            shared_store(name, doc)
+        except AssetLocationError:
+            refused.append(name)
+            break
+    assert refused == ["stream_resource"]
+
+
+def test_readable_folders_may_hold_assets(store_folder: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "beamline-data"
+    store = AnalysisStore.open(store_folder, readable=[raw])
+    assert str(raw) in store.readable_roots
+    frames = make_frames("uint16", (3, 2))
+    uid = store.save([{"primary": {"img": f}} for f in frames], {}, {"img": "TIFF"},
+                     root=raw, **PROVENANCE)
+    assert files_under(raw)
+    assert_same_array(store[uid]["primary"]["img"].read(), np.stack(frames))
+
+
+def test_saved_documents_are_valid(shared_store: AnalysisStore) -> None:
+    documents = validate(
+        compose_documents([{"primary": {"img": np.zeros((2, 2), dtype="u2")}}], {},
+                          {"img": "HDF5"}, root=shared_store.asset_root, **PROVENANCE)
+    )
+    assert count_names(documents) == {"start": 1, "descriptor": 1, "stream_resource": 1,
+                                      "stream_datum": 1, "event": 1, "stop": 1}
+    for name, doc in documents:
+        shared_store(name, doc)
+    (resource,) = docs_named(documents, "stream_resource")
+    assert resource["uri"].startswith(f"file://localhost{shared_store.asset_root}/")
