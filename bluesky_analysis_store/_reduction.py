@@ -8,6 +8,7 @@ the same child data for the same raw run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -280,6 +281,8 @@ class RunReduction(DocumentRouter):
 
 def _name(reducer: Reducer) -> str:
     code = reducer.code
+    while isinstance(code, functools.partial):
+        code = code.func
     return getattr(code, "__qualname__", None) or type(code).__qualname__
 
 
