@@ -1,0 +1,155 @@
+"""The subcommands: one function each, from the parsed arguments to an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._exits import EXIT_FAILED, EXIT_OK, CommandError
+from ._opening import (
+    find_parent_uid,
+    find_run,
+    is_uri,
+    open_source,
+    open_store,
+    run_uid,
+    store_location,
+)
+from ._presenting import (
+    data_keys,
+    print_json,
+    print_show,
+    run_summary,
+    show_record,
+    summary_text,
+)
+
+
+def _md(pairs: Sequence[tuple[str, Any]] | None) -> dict[str, Any] | None:
+    return dict(pairs) if pairs else None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .._demo import run_demo
+
+    location = store_location(args)
+    if is_uri(location):
+        raise CommandError("the demo writes into a local folder; give --store PATH, not a URI")
+    run_demo(location, plot_path=args.plot, points=args.points, out=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    client = store.client
+    if args.children:
+        parent_uid = find_parent_uid(store, args.children)
+        uids = store.children(parent_uid)
+        if args.limit:
+            uids = uids[: args.limit]
+        summaries = [run_summary(uid, store[uid]) for uid in uids]
+    else:
+        newest_first = client.sort(("start.time", -1)).items()
+        items = newest_first[: args.limit] if args.limit else list(newest_first)
+        summaries = [run_summary(uid, run) for uid, run in items]
+    if args.json:
+        print_json(summaries)
+    elif not summaries:
+        print(f"run {parent_uid} has no derived runs" if args.children else "the store is empty")
+    else:
+        for summary in summaries:
+            print(summary_text(summary))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    run = find_run(store.client, args.uid)
+    record = show_record(run_uid(run), run)
+    if args.json:
+        print_json(record)
+    else:
+        print_show(record)
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .._plotting import plot_key
+
+    store = open_store(args)
+    run = find_run(store.client, args.uid)
+    if args.x is not None and args.stream in run and args.x not in run[args.stream]:
+        keys = data_keys(run[args.stream])
+        raise CommandError(f"stream {args.stream!r} has no key {args.x!r} for x; it has {keys}")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise CommandError(f"cannot write {args.output!r}: folder {folder} does not exist")
+    path = plot_key(
+        run,
+        args.key,
+        args.output,
+        stream=args.stream,
+        index=args.index,
+        x_key=args.x,
+        size=args.size,
+        dpi=args.dpi,
+    )
+    print(os.path.abspath(path))
+    return EXIT_OK
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from .._provenance import resolve_code_name
+    from .._reprocess import reprocess
+
+    reducers = [resolve_code_name(name) for name in args.reducer]  # before opening anything
+    store = open_store(args, create=args.source is not None)
+    source = open_source(args, store)
+    raw_uids = [run_uid(find_run(source.client, text)) for text in args.raw_uids]
+    report = reprocess(
+        source,
+        list(dict.fromkeys(raw_uids)),
+        reducers,
+        store,
+        streams=args.stream or ["primary"],
+        writers=dict(args.writer) if args.writer else None,
+        md=_md(args.md),
+        force=args.force,
+    )
+    print(report)
+    for raw_uid, child_uid in report.saved.items():
+        print(f"  saved {raw_uid}: child run {child_uid}")
+    for raw_uid, child_uid in report.skipped.items():
+        print(f"  already reduced {raw_uid}: child run {child_uid} (use --force for another)")
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .._ingest import ingest
+    from ..formats import formats
+
+    formats[args.writer]  # a typo must not leave a new, empty store behind
+    for path in args.paths:
+        file_part = path.partition("::")[0]
+        if not os.path.exists(file_part):
+            raise CommandError(
+                f"cannot ingest {os.path.abspath(file_part)!r}: no such file or folder"
+            )
+    store = open_store(args, create=True)
+    uid = ingest(args.paths, _md(args.md), store, stream=args.stream, writer=args.writer)
+    print(uid)
+    return EXIT_OK
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .._reproduce import reproduce
+
+    store = open_store(args)
+    child_uid = run_uid(find_run(store.client, args.child_uid))
+    source = open_source(args, store)
+    report = reproduce(store, child_uid, source, allow_changed_code=args.allow_changed_code)
+    print(report)
+    return EXIT_OK if report.identical else EXIT_FAILED

@@ -1,0 +1,243 @@
+"""Describing runs for ``ls`` and ``show``: summaries and records, printed as text or JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ._opening import MIN_UID_PREFIX
+
+_NOT_DATA_KEYS = frozenset({"seq_num", "time"})
+_TEXT_VALUE_WIDTH = 100
+
+
+# --- output helpers -----------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """tiled's read-only views (DictView, ListView) as plain dicts and lists, for JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout."""
+    print(json.dumps(_plain(value), indent=2, default=str))
+
+
+def _format_time(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "?"
+    moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso_time(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def _short(text: str, width: int = _TEXT_VALUE_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(_plain(value), default=str)
+
+
+# --- describing runs -------------------------------------------------------------------------
+
+
+def _kind(start: Mapping[str, Any]) -> str:
+    return "derived" if start.get("parent_uids") or start.get("provenance") else "raw"
+
+
+def _code_summaries(start: Mapping[str, Any]) -> list[dict[str, Any]]:
+    code = (start.get("provenance") or {}).get("code") or []
+    return [
+        {k: record[k] for k in ("name", "version", "commit", "dirty") if k in record}
+        for record in code
+    ]
+
+
+def _version_text(record: Mapping[str, Any]) -> str:
+    version = str(record.get("version", "?"))
+    if re.fullmatch(r"[0-9a-f]{40}", version):  # a git commit: the first 12 are enough here
+        version = version[:12]
+    return version + (" (dirty)" if record.get("dirty") else "")
+
+
+def run_summary(uid: str, run: Any) -> dict[str, Any]:
+    """One run in a line of ``ls``: when, raw or derived, what made it, how it ended."""
+    start = run.start
+    stop = run.stop
+    summary: dict[str, Any] = {
+        "uid": uid,
+        "time": start.get("time"),
+        "time_iso": _iso_time(start.get("time")),
+        "kind": _kind(start),
+        "plan_name": start.get("plan_name"),
+        "scan_id": start.get("scan_id"),
+        "parent_uids": list(start.get("parent_uids") or []),
+        "files": [f.get("path") for f in (start.get("provenance") or {}).get("files") or []],
+        "code": _code_summaries(start),
+        "exit_status": stop.get("exit_status") if stop else None,
+        "num_events": dict(stop.get("num_events") or {}) if stop else {},
+    }
+    return summary
+
+
+def summary_text(summary: Mapping[str, Any]) -> str:
+    """A :func:`run_summary` as the line ``ls`` prints."""
+    if summary["kind"] == "derived":
+        what = "; ".join(f"{c['name']} {_version_text(c)}" for c in summary["code"]) or "(no code)"
+        origins = [p[:MIN_UID_PREFIX] for p in summary["parent_uids"]]
+        origins += [os.path.basename(f or "?") for f in summary["files"]]
+        if origins:
+            more = f" +{len(origins) - 3} more" if len(origins) > 3 else ""
+            what += " <- " + ", ".join(origins[:3]) + more
+    else:
+        what = summary["plan_name"] or "(no plan name)"
+        if summary["scan_id"] is not None:
+            what += f" (scan_id {summary['scan_id']})"
+    status = summary["exit_status"]
+    if status is None:
+        what += " [no stop document]"
+    elif status != "success":
+        what += f" [{status}]"
+    return f"{summary['uid']}  {_format_time(summary['time'])}  {summary['kind']:<7}  {what}"
+
+
+def data_keys(node: Any) -> list[str]:
+    """The data keys of a stream, without its event numbers and timestamps."""
+    keys = list(node)
+    names = set(keys)
+    return [
+        k for k in keys if k not in _NOT_DATA_KEYS and not (k.startswith("ts_") and k[3:] in names)
+    ]
+
+
+def _streams(run: Any) -> dict[str, Any]:
+    streams: dict[str, Any] = {}
+    stop = run.stop or {}
+    for name in run:
+        node = run[name]
+        keys = {}
+        for key in data_keys(node):
+            item = node[key]
+            shape = getattr(item, "shape", None)
+            keys[key] = {
+                "shape": list(shape) if shape is not None else None,
+                "dtype": str(getattr(item, "dtype", "?")),
+            }
+        events = (stop.get("num_events") or {}).get(name)
+        streams[name] = {"events": events, "keys": keys}
+    return streams
+
+
+def show_record(uid: str, run: Any) -> dict[str, Any]:
+    """Everything ``show`` tells about a run: metadata, provenance and streams."""
+    start = _plain(run.start)
+    return {
+        "uid": uid,
+        "kind": _kind(start),
+        "time_iso": _iso_time(start.get("time")),
+        "start": start,
+        "provenance": start.get("provenance"),
+        "stop": _plain(run.stop) if run.stop else None,
+        "streams": _streams(run),
+    }
+
+
+def _print_provenance(provenance: Mapping[str, Any]) -> None:
+    print("provenance:")
+    parents = provenance.get("parents") or []
+    print(f"  parents ({len(parents)}):")
+    for parent in parents:
+        streams = parent.get("streams")
+        print(f"    {parent['uid']}" + (f"  streams {', '.join(streams)}" if streams else ""))
+    files = provenance.get("files") or []
+    print(f"  files ({len(files)}):")
+    for record in files:
+        print(f"    {record.get('path')}")
+        print(f"      sha256 {record.get('sha256')}  size {record.get('size')} bytes")
+    code = provenance.get("code") or []
+    print(f"  code ({len(code)}):")
+    for record in code:
+        print(f"    {record.get('name')}")
+        details = [f"version {record.get('version', '?')}"]
+        if "distribution" in record:
+            details.append(f"distribution {record['distribution']}")
+        if "commit" in record:
+            details.append(
+                f"commit {record['commit']}" + (" (dirty)" if record.get("dirty") else "")
+            )
+        if not record.get("importable", True):
+            details.append("NOT importable by name")
+        print("      " + ", ".join(details))
+        if "file" in record:
+            print(f"      file {record['file']}")
+        if "sha256" in record:
+            print(f"      sha256 {record['sha256']}")
+        if record.get("params"):
+            print(f"      params {_short(_value_text(record['params']))}")
+        if record.get("streams"):
+            print(f"      streams {', '.join(record['streams'])}")
+    environment = provenance.get("environment") or {}
+    if environment:
+        print("  environment:")
+        print(
+            f"    python {environment.get('python', '?')} "
+            f"({environment.get('implementation', '?')}) on {environment.get('platform', '?')}"
+        )
+        packages = environment.get("packages") or {}
+        for name, version in sorted(packages.items()):
+            print(f"    {name} {version}")
+    if "strict" in provenance:
+        print(f"  strict: {provenance['strict']}")
+    for gap in provenance.get("missing") or []:
+        print(f"  MISSING: {gap}")
+
+
+def print_show(record: Mapping[str, Any]) -> None:
+    """A :func:`show_record` as text."""
+    start = record["start"]
+    stop = record["stop"]
+    print(f"run {record['uid']} ({record['kind']})")
+    print(f"  time: {_format_time(start.get('time'))}")
+    if stop:
+        print(
+            f"  exit status: {stop.get('exit_status')}"
+            + (f" ({stop['reason']})" if stop.get("reason") else "")
+        )
+    else:
+        print("  exit status: none (no stop document)")
+    print("start metadata:")
+    for key, value in start.items():
+        if key in ("uid", "time", "provenance"):
+            continue
+        print(f"  {key}: {_short(_value_text(value))}")
+    if record["provenance"]:
+        _print_provenance(record["provenance"])
+    else:
+        print("provenance: none (a raw run)")
+    print("streams:")
+    if not record["streams"]:
+        print("  (none)")
+    for name, stream in record["streams"].items():
+        events = stream["events"]
+        print(f"  {name}" + (f" ({events} events)" if events is not None else ""))
+        width = max((len(k) for k in stream["keys"]), default=0)
+        for key, info in stream["keys"].items():
+            shape = tuple(info["shape"]) if info["shape"] is not None else "?"
+            print(f"    {key:<{width}}  shape {shape}  dtype {info['dtype']}")
