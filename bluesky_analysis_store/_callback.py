@@ -9,8 +9,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from event_model import RunRouter
+from event_model import RunRouter, UnresolvableForeignKeyError
 
+from ._errors import AnalysisStoreError
+from ._filling import RouterFiller
 from ._reducers import as_reducer
 from ._reduction import OnError, ReductionPlan, RunReduction
 
@@ -21,6 +23,12 @@ logger = logging.getLogger(__name__)
 _STOP_WORKER = object()
 # How long the worker waits for a document before flushing buffered rows to the store.
 _IDLE_FLUSH_SECONDS = 0.1
+# When the worker has caught up, it lets documents gather this long before it takes the
+# next one: waking once per document of a fast scan costs ~30 us each (a third of reducing a
+# scalar event), all of it GIL time the RunEngine waits for.
+_GATHER_SECONDS = 0.02
+# The queue-full warning is repeated at most this often, not for every waiting document.
+_WAIT_WARNING_SECONDS = 10.0
 
 
 class AnalysisStoreCallback:
@@ -34,7 +42,8 @@ class AnalysisStoreCallback:
     start document.
 
     With ``background=True`` the reduction, the file writing and the saving happen on a
-    worker thread behind a queue of ``queue_size`` documents; when it is full the RunEngine
+    worker thread behind a queue of at most ``queue_size`` documents holding at most
+    ``queue_bytes`` of array data (one document always fits); when it is full the RunEngine
     waits (nothing is dropped). At a raw run's stop the RunEngine waits until the child run
     is saved, for at most ``stop_timeout`` seconds (None: as long as it takes).
 
@@ -56,9 +65,14 @@ class AnalysisStoreCallback:
         on_error: OnError = "record",
         strict: bool = True,
         queue_size: int = 1000,
+        queue_bytes: int = 256 * 2**20,
         stop_timeout: float | None = None,
         root_map: Mapping[str, str] | None = None,
     ) -> None:
+        if background and on_error == "raise":
+            # An error on the worker thread cannot reach the RunEngine; it would end the
+            # worker, and the next raw stop would then wait for the child run forever.
+            raise AnalysisStoreError("on_error='raise' needs background=False")
         if callable(reducers) and not isinstance(reducers, (list, tuple)):
             reducers = [reducers]
         streams = tuple(streams)
@@ -74,11 +88,17 @@ class AnalysisStoreCallback:
         )
         self.background = background
         self.stop_timeout = stop_timeout
-        self._router = RunRouter([self._factory])
+        self._router = RunRouter([self._factory], filler_class=RouterFiller)
         self._runs: dict[str, RunReduction] = {}
         self._finished: dict[str, threading.Event] = {}
         self._unknown_runs_logged: set[str] = set()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        # Bytes of array data in the queue: a count of documents alone lets a queue of
+        # megapixel frames hold gigabytes while the reduction lags behind the detector.
+        self.queue_bytes = queue_bytes
+        self._queued_bytes = 0
+        self._bytes_freed = threading.Condition()
+        self._last_wait_warning = -_WAIT_WARNING_SECONDS
         self._worker: threading.Thread | None = None
         self._closed = False
         if background:
@@ -98,14 +118,14 @@ class AnalysisStoreCallback:
             return
         if name == "start":
             self._finished[doc["uid"]] = threading.Event()
+        size = _array_bytes(doc) if name in ("event", "event_page") else 0
+        if size:
+            self._reserve_bytes(size)
         try:
-            self._queue.put_nowait((name, doc))
+            self._queue.put_nowait((name, doc, size))
         except queue.Full:
-            logger.warning(
-                "analysis queue full (%d documents): the scan waits for the reduction",
-                self._queue.maxsize,
-            )
-            self._put_while_worker_alive((name, doc))
+            self._warn_waiting(f"{self._queue.maxsize} documents")
+            self._put_while_worker_alive((name, doc, size))
         if name == "stop":
             self._wait_for_run(doc["run_start"])
 
@@ -117,6 +137,27 @@ class AnalysisStoreCallback:
             except queue.Full:
                 continue
         logger.error("the analysis worker is not running; a document was dropped")
+
+    def _reserve_bytes(self, size: int) -> None:
+        """Wait until ``size`` more bytes fit in the queue (always, when it is empty)."""
+        with self._bytes_freed:
+            while self._queued_bytes and self._queued_bytes + size > self.queue_bytes:
+                if self._worker is None or not self._worker.is_alive():
+                    break
+                self._warn_waiting(f"{self.queue_bytes / 2**20:.0f} MiB of arrays")
+                self._bytes_freed.wait(timeout=1.0)
+            self._queued_bytes += size
+
+    def _release_bytes(self, size: int) -> None:
+        with self._bytes_freed:
+            self._queued_bytes -= size
+            self._bytes_freed.notify_all()
+
+    def _warn_waiting(self, limit: str) -> None:
+        now = time.monotonic()
+        if now - self._last_wait_warning >= _WAIT_WARNING_SECONDS:
+            self._last_wait_warning = now
+            logger.warning("analysis queue full (%s): the scan waits for the reduction", limit)
 
     def _wait_for_run(self, raw_uid: str) -> None:
         finished = self._finished.get(raw_uid)
@@ -174,12 +215,21 @@ class AnalysisStoreCallback:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            self._process(*item)
+            name, doc, size = item
+            try:
+                self._process(name, doc)
+            finally:
+                if size:
+                    self._release_bytes(size)
+            if self._queue.empty():
+                time.sleep(_GATHER_SECONDS)
 
     def _process(self, name: str, doc: dict[str, Any]) -> None:
         try:
             self._router(name, doc)
-        except KeyError as error:
+        except (KeyError, UnresolvableForeignKeyError) as error:
+            if self.plan.on_error == "raise" and not _raised_by_run_router(error):
+                raise  # a reducer's own KeyError, not an unknown run
             # A document of a run whose start this callback never saw (subscribed mid-run).
             key = str(error)
             if key not in self._unknown_runs_logged:
@@ -212,3 +262,22 @@ class AnalysisStoreCallback:
         run = RunReduction(self.plan, self.store)
         self._runs[start["uid"]] = run
         return [run], []
+
+
+def _raised_by_run_router(error: BaseException) -> bool:
+    """Whether ``error`` came from RunRouter's own lookups: a run whose start it never saw."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and isinstance(tb.tb_frame.f_locals.get("self"), RunRouter)
+
+
+def _array_bytes(doc: Mapping[str, Any]) -> int:
+    """Bytes of the arrays in an event's (or event page's) data."""
+    total = 0
+    for value in doc.get("data", {}).values():
+        if isinstance(value, list):  # an event page: one value per event
+            total += sum(getattr(v, "nbytes", 0) for v in value)
+        else:
+            total += getattr(value, "nbytes", 0)
+    return total

@@ -9,6 +9,7 @@ here, file by file, from the mimetype and parameters tiled would use.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -22,11 +23,13 @@ from event_model import DocumentRouter, Filler
 
 from .formats import formats
 
-__all__ = ["EventFiller", "HANDLER_ENTRY_POINT_GROUP", "handler_registry"]
+__all__ = ["EventFiller", "HANDLER_ENTRY_POINT_GROUP", "RouterFiller", "handler_registry"]
 
 logger = logging.getLogger(__name__)
 
 HANDLER_ENTRY_POINT_GROUP = "databroker.handlers"
+# Values a reducer cannot change in place, handed over without a copy.
+_IMMUTABLE = (str, bytes, int, float, bool, type(None))
 
 
 @functools.cache
@@ -83,6 +86,25 @@ def _read_stream_frame(resource: Mapping[str, Any], index: int) -> np.ndarray:
     raise ValueError(f"no reader for stream_resource mimetype {mimetype!r}")
 
 
+class RouterFiller(Filler):
+    """The Filler a ``RunRouter`` applies to each event page, minus the needless copies.
+
+    A RunRouter fills every page it routes, through ``filler_class``; the package's routers
+    have no handlers, so they load nothing, yet each page is unpacked, copied and packed
+    again: about 20 us an event, a quarter of the reduction of a scalar event. A page that
+    marks no key as unfilled is passed on as it is; the others go through the Filler as
+    before (which may raise, e.g. for a datum it never saw).
+    """
+
+    def event_page(self, doc: Any) -> Any:
+        filled = doc.get("filled")
+        if isinstance(filled, Mapping) and not any(
+            value is False for values in filled.values() for value in values
+        ):
+            return doc
+        return super().event_page(doc)
+
+
 class EventFiller(DocumentRouter):
     """Feed it every document of one run; :meth:`fill` returns an event's data, loaded."""
 
@@ -100,11 +122,14 @@ class EventFiller(DocumentRouter):
         self._stream_resources: dict[str, dict[str, Any]] = {}
         # (descriptor uid, seq_num) -> {data key: (stream_resource uid, index)}
         self._stream_frames: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+        self._external_descriptors: set[str] = set()
 
     def start(self, doc: dict[str, Any]) -> None:
         self._filler("start", doc)
 
     def descriptor(self, doc: dict[str, Any]) -> None:
+        if any("external" in data_key for data_key in doc.get("data_keys", {}).values()):
+            self._external_descriptors.add(doc["uid"])
         self._filler("descriptor", doc)
 
     def resource(self, doc: dict[str, Any]) -> None:
@@ -131,13 +156,31 @@ class EventFiller(DocumentRouter):
             frames[resource["data_key"]] = (resource["uid"], first_index + offset)
 
     def fill(self, event: dict[str, Any]) -> dict[str, Any]:
-        """The event's data with every external value loaded (a new dict)."""
-        _, filled = self._filler("event", event)
-        data = dict(filled["data"])
+        """The event's data with every external value loaded (a new dict, sharing no
+        mutable value with the event)."""
+        if self._filler_has_work(event):
+            _, filled = self._filler("event", event)
+            data = dict(filled["data"])
+        else:
+            # The Filler would deep-copy the whole event (through an event page and back):
+            # about as long as the rest of the reduction of a scalar event. Copy only what a
+            # reducer could change in place.
+            data = {
+                key: value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value)
+                for key, value in event["data"].items()
+            }
         frames = self._stream_frames.pop((event["descriptor"], event["seq_num"]), {})
         for data_key, (resource_uid, index) in frames.items():
             data[data_key] = _read_stream_frame(self._stream_resources[resource_uid], index)
         return data
+
+    def _filler_has_work(self, event: dict[str, Any]) -> bool:
+        """Whether event-model's Filler would load anything: its own test
+        (``Filler.fill_event``), keys ``filled`` marks False, else external keys."""
+        filled = event.get("filled")
+        if filled is None:
+            return event["descriptor"] in self._external_descriptors
+        return any(value is False for value in filled.values())
 
     def stop(self, doc: dict[str, Any]) -> None:
         self._filler("stop", doc)

@@ -139,6 +139,13 @@ def _jsonable(value: Any) -> Any:
     except (TypeError, ValueError):
         pass
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape == () and hasattr(value, "item"):  # a numpy scalar: keep its value
+        try:
+            scalar = value.item()
+            json.dumps(scalar)
+            return scalar
+        except (TypeError, ValueError):
+            pass
     if shape is not None and dtype is not None:
         import hashlib
 

@@ -18,7 +18,9 @@ import time
 from typing import Any
 
 from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer, _RunWriter
-from event_model import RunRouter
+from event_model import DocumentNames, RunRouter, schema_validators
+
+from ._filling import RouterFiller
 
 __all__ = ["FlushingTiledWriter"]
 
@@ -37,21 +39,27 @@ class FlushingTiledWriter:
         self._run_writers: dict[str, _RunWriter] = {}
         self._last_flush = time.monotonic()
         self._lock = threading.RLock()
-        self._router = RunRouter([self._factory])
+        self._router = RunRouter([self._factory], filler_class=RouterFiller)
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        run_writer = _RunWriter(self._client, batch_size=_BATCH_SIZE)
-        normalizer = RunNormalizer()
+        # max_array_size=0: every inline array becomes an array node of its own; the
+        # catalog's SQL tables have no column type for lists.
+        run_writer = _RunWriter(self._client, batch_size=_BATCH_SIZE, max_array_size=0)
+        normalizer = _NpySeqIndexNormalizer()
         normalizer.subscribe(run_writer)
         self._run_writers[start["uid"]] = run_writer
         return [normalizer], []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         with self._lock:
-            self._router(name, doc)
-            if name == "stop":
-                self._run_writers.pop(doc["run_start"], None)
-            elif time.monotonic() - self._last_flush >= self._flush_interval:
+            try:
+                self._router(name, doc)
+            finally:
+                # Even when writing the run failed at its stop: a run writer kept here would
+                # be flushed again, and fail again, on every later document of other runs.
+                if name == "stop":
+                    self._run_writers.pop(doc["run_start"], None)
+            if name != "stop" and time.monotonic() - self._last_flush >= self._flush_interval:
                 self.flush()
 
     def flush(self) -> None:
@@ -69,6 +77,67 @@ class FlushingTiledWriter:
             or writer._external_data_cache
             for writer in self._run_writers.values()
         )
+
+
+class _EventLayoutNormalizer(RunNormalizer):
+    """The plugin's normalizer, checking an event's schema once per layout, not per event.
+
+    ``RunNormalizer.emit`` checks every document against its jsonschema: about 0.25 ms an
+    event, as long as the RunEngine takes for a whole scalar event. An event's validity
+    depends only on its keys and on the types of its values and of ``filled``'s values
+    (``data`` and ``timestamps`` may hold anything), so an event whose layout already passed
+    is valid too. Other documents are checked every time, as the plugin does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._valid_event_layouts: set[tuple[Any, ...]] = set()
+
+    def emit(self, name: Any, doc: dict[str, Any]) -> None:
+        if DocumentNames(name) is not DocumentNames.event:
+            super().emit(name, doc)
+            return
+        layout = _event_layout(doc)
+        if layout is None or layout not in self._valid_event_layouts:
+            schema_validators[DocumentNames.event].validate(doc)
+            if layout is not None:
+                self._valid_event_layouts.add(layout)
+        self.dispatcher.process(name, doc)
+
+
+def _event_layout(doc: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What the event schema looks at; None when a value itself matters (a float seq_num)."""
+    if type(doc.get("seq_num")) is not int:
+        return None
+    filled = doc.get("filled")
+    filled_types = (
+        frozenset(type(v) for v in filled.values()) if isinstance(filled, dict) else None
+    )
+    return (tuple((key, type(value)) for key, value in doc.items()), filled_types)
+
+
+class _NpySeqIndexNormalizer(_EventLayoutNormalizer):
+    """The plugin's normalizer, but an ``NPY_SEQ`` datum's frame is its ``index``.
+
+    For a legacy datum without ``indices``/``point_number``/``frame`` the plugin takes the frame
+    from the event's ``seq_num``. ophyd.sim numbers ``NPY_SEQ`` frames per resource, across
+    streams, so in a run whose streams read one detector (a ``dark`` stream before
+    ``primary``) tiled would serve other events' frames.
+    """
+
+    def _convert_datum_to_stream_datum(
+        self, datum_doc: Any, data_key: str, desc_uid: str, seq_num: int
+    ) -> Any:
+        kwargs = datum_doc.get("datum_kwargs", {})
+        if kwargs.get("_resource_spec") != "NPY_SEQ" or not isinstance(kwargs.get("index"), int):
+            return super()._convert_datum_to_stream_datum(datum_doc, data_key, desc_uid, seq_num)
+        frame = {"start": kwargs["index"], "stop": kwargs["index"] + 1}
+        datum_doc = {**datum_doc, "datum_kwargs": {**kwargs, "indices": frame}}
+        sres_doc, sdat_doc = super()._convert_datum_to_stream_datum(
+            datum_doc, data_key, desc_uid, seq_num
+        )
+        sdat_doc["seq_nums"] = {"start": seq_num, "stop": seq_num + 1}
+        return sres_doc, sdat_doc
 
 
 def _flush_run_writer(run_writer: _RunWriter) -> None:

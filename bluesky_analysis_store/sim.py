@@ -36,11 +36,20 @@ class _SpotFrame:
         return spot_image(float(self._motor.position), self._shape)
 
 
+class _SpotCamera(SynSignalWithRegistry):
+    """Describes its frames' dtype: without ``dtype_numpy`` tiled serves them as float64."""
+
+    def describe(self) -> dict[str, Any]:
+        description = super().describe()
+        description[self.name]["dtype_numpy"] = np.dtype(np.uint16).str
+        return description
+
+
 def spot_camera(
     motor: Any, save_path: str, *, shape: tuple[int, int] = (64, 64), name: str = "cam"
 ) -> SynSignalWithRegistry:
     """An area detector whose frames (saved as ``.npy`` files under ``save_path``, legacy
     ``resource``/``datum`` with spec ``NPY_SEQ``) show a spot that moves with ``motor``."""
-    return SynSignalWithRegistry(
+    return _SpotCamera(
         func=_SpotFrame(motor, shape), name=name, save_path=save_path, labels={"detectors"}
     )

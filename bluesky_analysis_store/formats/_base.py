@@ -69,7 +69,8 @@ class FileFormat:
     def stream_uri(self, full_path: str) -> str:
         """The ``file://`` URI tiled resolves ``full_path`` by."""
         uri = "file://localhost" + _posix_absolute(full_path)
-        return uri + "/" if self.suffix.endswith("/") else uri
+        # ``full_path`` of a folder format may already end with "/": add at most one.
+        return uri + "/" if self.suffix.endswith("/") and not uri.endswith("/") else uri
 
     def stream_parameters(
         self, resource_kwargs: Mapping[str, Any], frame_shape: tuple[int, ...]
