@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ _IDLE_FLUSH_SECONDS = 0.1
 _GATHER_SECONDS = 0.02
 # The queue-full warning is repeated at most this often, not for every waiting document.
 _WAIT_WARNING_SECONDS = 10.0
+# How often a foreground callback's store is flushed while the scan waits.
+_FOREGROUND_FLUSH_SECONDS = 0.5
 
 
 class AnalysisStoreCallback:
@@ -106,6 +109,15 @@ class AnalysisStoreCallback:
                 target=self._work, name="analysis-store-worker", daemon=True
             )
             self._worker.start()
+        else:
+            # In the foreground nothing runs between documents: without this, rows written
+            # while the scan waits (a long exposure, a sleep) would wait for the next one.
+            threading.Thread(
+                target=_flush_while_open,
+                args=(weakref.ref(self),),
+                name="analysis-store-flusher",
+                daemon=True,
+            ).start()
 
     # --- the RunEngine side ------------------------------------------------------------
 
@@ -228,8 +240,8 @@ class AnalysisStoreCallback:
         try:
             self._router(name, doc)
         except (KeyError, UnresolvableForeignKeyError) as error:
-            if self.plan.on_error == "raise" and not _raised_by_run_router(error):
-                raise  # a reducer's own KeyError, not an unknown run
+            if any(run.raised is error for run in self._runs.values()):
+                raise  # a reducer's own KeyError (on_error="raise"), not an unknown run
             # A document of a run whose start this callback never saw (subscribed mid-run).
             key = str(error)
             if key not in self._unknown_runs_logged:
@@ -264,12 +276,18 @@ class AnalysisStoreCallback:
         return [run], []
 
 
-def _raised_by_run_router(error: BaseException) -> bool:
-    """Whether ``error`` came from RunRouter's own lookups: a run whose start it never saw."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and isinstance(tb.tb_frame.f_locals.get("self"), RunRouter)
+def _flush_while_open(callback_ref: weakref.ref[AnalysisStoreCallback]) -> None:
+    """Flush a foreground callback's store every so often, until it is closed or gone."""
+    while True:
+        time.sleep(_FOREGROUND_FLUSH_SECONDS)
+        callback = callback_ref()
+        if callback is None or callback._closed:
+            return
+        try:
+            getattr(callback.store, "flush", lambda: None)()
+        except Exception:  # no scan to reach from here; the run's stop writes it again
+            logger.exception("writing buffered derived data to the store failed")
+        del callback
 
 
 def _array_bytes(doc: Mapping[str, Any]) -> int:

@@ -120,6 +120,7 @@ class RunReduction(DocumentRouter):
         self.failures: list[dict[str, Any]] = []
         self.child_uid: str | None = None
         self.done = False
+        self.raised: Exception | None = None  # what on_error="raise" let through
 
     # --- raw documents ------------------------------------------------------------------
 
@@ -261,6 +262,7 @@ class RunReduction(DocumentRouter):
 
     def _fail(self, error: Exception, stage: str, where: Mapping[str, Any]) -> None:
         if self._plan.on_error == "raise":
+            self.raised = error
             raise error
         if where.get("seq_num") is not None:
             self.events_failed += 1

@@ -605,8 +605,9 @@ READER_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
 def test_another_process_sees_derived_events_before_the_raw_run_ends(
-    RE, hw, store, live_store_folder, make_callback, tmp_path
+    RE, hw, store, live_store_folder, make_callback, tmp_path, background
 ):
     timeout = 60.0
     uid_file, out_file = tmp_path / "raw_uid.txt", tmp_path / "reader.json"
@@ -633,7 +634,7 @@ def test_another_process_sees_derived_events_before_the_raw_run_ends(
             yield from bps.sleep(0.1)
         reader_done_before_stop.append(out_file.exists())
 
-    RE.subscribe(make_callback([scaled]))  # background mode, the default
+    RE.subscribe(make_callback([scaled], background=background))
     RE.subscribe(publish_uid, "start")
     try:
         (raw_uid,) = RE(events_then_wait())
