@@ -14,7 +14,6 @@ from event_model import RunRouter, UnresolvableForeignKeyError
 
 from ._errors import AnalysisStoreError
 from ._filling import RouterFiller
-from ._reducers import as_reducer
 from ._reduction import OnError, ReductionPlan, RunReduction
 
 __all__ = ["AnalysisStoreCallback"]
@@ -76,14 +75,13 @@ class AnalysisStoreCallback:
             # An error on the worker thread cannot reach the RunEngine; it would end the
             # worker, and the next raw stop would then wait for the child run forever.
             raise AnalysisStoreError("on_error='raise' needs background=False")
-        if callable(reducers) and not isinstance(reducers, (list, tuple)):
-            reducers = [reducers]
-        streams = tuple(streams)
         self.store = store
-        self.plan = ReductionPlan.build(
-            [as_reducer(r, streams) for r in reducers],
+        self.plan = ReductionPlan.for_store(
+            reducers,
+            store,
+            streams=streams,
             writers=writers,
-            root=root if root is not None else getattr(store, "asset_root", None),
+            root=root,
             md=md,
             on_error=on_error,
             strict=strict,

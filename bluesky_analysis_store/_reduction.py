@@ -22,7 +22,7 @@ from ._composer import RunComposer, check_metadata
 from ._errors import AnalysisStoreError
 from ._filling import EventFiller
 from ._provenance import make_provenance
-from ._reducers import Reducer, fresh_copy, reducer_provenance
+from ._reducers import Reducer, as_reducer, fresh_copy, reducer_provenance
 from ._writer_specs import WriterSpec, resolve_writers
 
 __all__ = ["OnError", "ReductionPlan", "RunReduction"]
@@ -58,6 +58,27 @@ class ReductionPlan:
     strict: bool = True
     handlers: Mapping[str, type] | None = None
     root_map: Mapping[str, str] | None = None
+
+    @classmethod
+    def for_store(
+        cls,
+        reducers: Iterable[Any] | Any,
+        store: Any,
+        *,
+        streams: Iterable[str] = ("primary",),
+        root: str | None = None,
+        **options: Any,
+    ) -> ReductionPlan:
+        """The plan for a user's reducers (one or a list of functions and :class:`Reducer`
+        instances) whose files go under ``root``, by default the store's asset folder."""
+        if callable(reducers) or isinstance(reducers, Reducer):
+            reducers = [reducers]
+        streams = tuple(streams)
+        return cls.build(
+            [as_reducer(r, streams) for r in reducers],
+            root=root if root is not None else getattr(store, "asset_root", None),
+            **options,
+        )
 
     @classmethod
     def build(

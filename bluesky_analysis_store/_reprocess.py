@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import AnalysisStoreError, RunNotFoundError
-from ._reducers import as_reducer
 from ._reduction import ReductionPlan, RunReduction
 from ._replay import count_events, replay_run
 
@@ -108,15 +107,8 @@ def reprocess(
     """
     from tqdm.auto import tqdm
 
-    if callable(reducers) and not isinstance(reducers, (list, tuple)):
-        reducers = [reducers]
-    streams = tuple(streams)
-    plan = ReductionPlan.build(
-        [as_reducer(r, streams) for r in reducers],
-        writers=writers,
-        root=root if root is not None else getattr(store, "asset_root", None),
-        md=md,
-        strict=strict,
+    plan = ReductionPlan.for_store(
+        reducers, store, streams=streams, writers=writers, root=root, md=md, strict=strict
     )
     versions = code_versions(plan.code)
     client = _client_of(source)

@@ -69,15 +69,6 @@ class FlushingTiledWriter:
                 _flush_run_writer(run_writer)
             self._last_flush = time.monotonic()
 
-    @property
-    def pending(self) -> bool:
-        """Whether any open run holds rows or datums not yet written."""
-        return any(
-            any(rows for rows in writer._internal_data_cache.values())
-            or writer._external_data_cache
-            for writer in self._run_writers.values()
-        )
-
 
 class _EventLayoutNormalizer(RunNormalizer):
     """The plugin's normalizer, checking an event's schema once per layout, not per event.
