@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 from ._composer import compose_documents
 from ._errors import AssetLocationError, RunNotFoundError
 
-__all__ = ["STORE_ENV", "AnalysisStore", "default_store_location"]
+__all__ = ["STORE_ENV", "AnalysisStore", "ChildRun", "default_store_location"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,31 @@ def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]])
         config["readable"] = known
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     return known
+
+
+class ChildRun(str):
+    """The uid of a derived run (usable wherever a uid is), with when it started and the
+    code that made it: ``[{"name": "module:qualname", "version": ...}, ...]``."""
+
+    time: float
+    code: list[dict[str, Any]]
+
+    @classmethod
+    def from_start(cls, uid: str, start: Mapping[str, Any]) -> ChildRun:
+        child = cls(uid)
+        child.time = float(start.get("time", 0.0))
+        child.code = [
+            {"name": c.get("name"), "version": c.get("version")}
+            for c in start.get("provenance", {}).get("code", [])
+        ]
+        return child
+
+    @property
+    def code_versions(self) -> str:
+        return ", ".join(f"{c['name']} {c['version']}" for c in self.code)
+
+    def __repr__(self) -> str:
+        return f"ChildRun({str(self)!r}, code={self.code_versions!r})"
 
 
 class AnalysisStore:
@@ -243,19 +268,20 @@ class AnalysisStore:
         """Runs matching a tiled query (``tiled.queries``)."""
         return self._client.search(query)
 
-    def children(self, parent_uid: str) -> list[str]:
-        """Uids of the runs derived from ``parent_uid``, newest first."""
+    def children(self, parent_uid: str) -> list[ChildRun]:
+        """The runs derived from ``parent_uid``, newest first: their uids, each carrying the
+        start time and the code (names and versions) that made it."""
         from tiled.queries import Contains
 
         # TiledWriter keeps the start document under the run's "start" metadata; Contains is a
         # substring match on the JSON text, so membership is checked again here.
         results = self._client.search(Contains("start.parent_uids", parent_uid))
-        starts = [
-            (run.start.get("time", 0), uid)
+        children = [
+            ChildRun.from_start(uid, run.start)
             for uid, run in results.items()
             if parent_uid in (run.start.get("parent_uids") or ())
         ]
-        return [uid for _, uid in sorted(starts, reverse=True)]
+        return sorted(children, key=lambda child: child.time, reverse=True)
 
     def __repr__(self) -> str:
         return f"<AnalysisStore {self.location or self._client!r}>"

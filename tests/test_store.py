@@ -266,3 +266,16 @@ def test_saved_documents_are_valid(shared_store: AnalysisStore) -> None:
         shared_store(name, doc)
     (resource,) = docs_named(documents, "stream_resource")
     assert resource["uri"].startswith(f"file://localhost{shared_store.asset_root}/")
+
+
+def test_children_carry_their_code_versions(shared_store: AnalysisStore) -> None:
+    import numpy
+
+    parent = str(uuid.uuid4())
+    uid = save_child(shared_store, parent, 1.0)
+    (child,) = shared_store.children(parent)
+    assert child == uid and isinstance(child, str)
+    name = f"{numpy.mean.__module__}:mean"
+    assert child.code == [{"name": name, "version": numpy.__version__}]
+    assert child.code_versions == f"{name} {numpy.__version__}"
+    assert child.time == shared_store[uid].start["time"]
