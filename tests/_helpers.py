@@ -81,12 +81,12 @@ def assert_empty_or_missing(folder: str | os.PathLike[str]) -> None:
     assert not root.exists() or list(root.iterdir()) == [], sorted(root.rglob("*"))
 
 
-def assert_same_array(read: Any, expected: np.ndarray) -> None:
-    """Equal values, and the very same dtype and shape."""
-    read = np.asarray(read)
-    assert read.dtype == expected.dtype, (read.dtype, expected.dtype)
-    assert read.shape == expected.shape, (read.shape, expected.shape)
-    np.testing.assert_array_equal(read, expected)
+def assert_same_array(read: Any, expected: Any, what: str = "") -> None:
+    """Equal values, and the very same dtype and shape; ``what`` names the array in a failure."""
+    read, expected = np.asarray(read), np.asarray(expected)
+    assert read.dtype == expected.dtype, (what, read.dtype, expected.dtype)
+    assert read.shape == expected.shape, (what, read.shape, expected.shape)
+    np.testing.assert_array_equal(read, expected, err_msg=what)
 
 
 class _ArraySnapshot:

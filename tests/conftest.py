@@ -1,19 +1,33 @@
-"""Fixtures shared by the foundation tests.
+"""Fixtures shared by the tests.
 
 Creating an embedded store runs tiled's catalog initialisation in a subprocess (seconds), so
 one store is made per session and shared by every test that does not need a fresh one; tests
 that share it use uids of their own and never count the runs of others. ``reader`` is a
 second store object opened on the same folder: what it reads came from the disk, not from a
 cache of the writing object.
+
+A module whose tests need a store of their own uses ``store``: module-scoped, so each module
+that asks for it gets its own (one per module, not one per test). The live tests get a fresh
+``RE`` for every test, simulated devices, and callbacks on the module's store.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _live import DocumentRecorder
+from bluesky import RunEngine
+from bluesky.run_engine import TransitionError
+from ophyd.sim import SynAxis
 
-from bluesky_analysis_store import DATA_ROOT_ENV, STORE_ENV, AnalysisStore
+from bluesky_analysis_store import DATA_ROOT_ENV, STORE_ENV, AnalysisStore, AnalysisStoreCallback
+from bluesky_analysis_store.sim import spot_camera
+
+# --- the session's store ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -39,3 +53,93 @@ def shared_store(store_folder: Path) -> AnalysisStore:
 def reader(shared_store: AnalysisStore, store_folder: Path) -> AnalysisStore:
     """A separate store object on the same folder, for reading back."""
     return AnalysisStore.open(store_folder)
+
+
+# --- a store of the module's own ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the module's raw frames are written: a folder ``store`` may read."""
+    return tmp_path_factory.mktemp("raw")
+
+
+@pytest.fixture(scope="module")
+def module_store_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def store(module_store_folder: Path, raw_folder: Path) -> AnalysisStore:
+    """The module's own embedded store; the raw frames under ``raw_folder`` are readable."""
+    return AnalysisStore.open(module_store_folder, readable=[raw_folder])
+
+
+# --- a live RunEngine, its devices and callbacks ------------------------------------------
+
+
+@pytest.fixture
+def RE() -> Iterator[RunEngine]:  # noqa: N802 - the name every bluesky user knows
+    """A fresh RunEngine on an event loop of its own, halted and shut down afterwards."""
+    loop = asyncio.new_event_loop()
+    engine = RunEngine({}, loop=loop)
+    yield engine
+    if engine.state not in ("idle", "panicked"):
+        try:
+            engine.halt()
+        except TransitionError:
+            pass
+    loop.call_soon_threadsafe(loop.stop)
+    engine._th.join()
+    loop.close()
+
+
+@pytest.fixture
+def runs_saved_in_store(RE: RunEngine, store: AnalysisStore) -> None:  # noqa: N803
+    """Every run ``RE`` takes is saved into the module's store.
+
+    A module whose tests need their raw runs in the store asks for it for every test,
+    ``pytestmark = pytest.mark.usefixtures("runs_saved_in_store")``: fixtures named there are
+    made first, so the store is subscribed before any recorder or callback.
+    """
+    RE.subscribe(store)
+
+
+@pytest.fixture
+def recorder(RE: RunEngine) -> DocumentRecorder:  # noqa: N803
+    """Every document ``RE`` emits, as it emitted it."""
+    recorder = DocumentRecorder()
+    RE.subscribe(recorder)
+    return recorder
+
+
+@pytest.fixture
+def motor() -> SynAxis:
+    return SynAxis(name="motor")
+
+
+@pytest.fixture
+def cam_shape() -> tuple[int, int]:
+    """The shape of ``cam``'s frames (a module may override it)."""
+    return (32, 32)
+
+
+@pytest.fixture
+def cam(motor: SynAxis, raw_folder: Path, cam_shape: tuple[int, int]) -> Any:
+    """A spot camera whose frame follows ``motor``; its frames are NPY files in ``raw_folder``."""
+    return spot_camera(motor, str(raw_folder), shape=cam_shape)
+
+
+@pytest.fixture
+def make_callback(store: AnalysisStore):
+    """Build callbacks on the module's store; every one is closed (worker joined) afterwards."""
+    made: list[AnalysisStoreCallback] = []
+
+    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
+        callback = AnalysisStoreCallback(reducers, store, **kwargs)
+        made.append(callback)
+        return callback
+
+    yield make
+    for callback in made:
+        callback.close(timeout=60)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import functools
 import json
 import logging
@@ -25,12 +23,11 @@ import numpy as np  # noqa: E402
 import ophyd.sim  # noqa: E402
 import pytest  # noqa: E402
 import tifffile  # noqa: E402
-from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count, grid_scan, scan  # noqa: E402
-from bluesky.run_engine import TransitionError  # noqa: E402
 from bluesky.utils import RunEngineInterrupted  # noqa: E402
 from event_model import Filler  # noqa: E402
 
+from _live import DocumentRecorder  # noqa: E402
 from _reducers_for_tests import (  # noqa: E402
     DarkSubtractedSum,
     FrameSequence,
@@ -47,33 +44,7 @@ from bluesky_analysis_store import (  # noqa: E402
     ProvenanceError,
 )
 
-# --- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def live_store_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("analysis-store")
-
-
-@pytest.fixture(scope="module")
-def store(live_store_folder: pathlib.Path) -> AnalysisStore:
-    """One embedded store for the module (creating one costs seconds); runs never collide."""
-    return AnalysisStore.open(live_store_folder)
-
-
-@pytest.fixture
-def RE():  # noqa: N802 - the name every bluesky user knows
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
+# --- fixtures (the rest are shared: conftest.py) ------------------------------------------
 
 
 @pytest.fixture
@@ -83,64 +54,7 @@ def hw(tmp_path: pathlib.Path):
     return ophyd.sim.hw(save_path=str(raw))
 
 
-@pytest.fixture
-def make_callback(store: AnalysisStore):
-    """Build callbacks on the module's store; every one is closed (worker joined) afterwards."""
-    made: list[AnalysisStoreCallback] = []
-
-    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
-        callback = AnalysisStoreCallback(reducers, store, **kwargs)
-        made.append(callback)
-        return callback
-
-    yield make
-    for callback in made:
-        callback.close(timeout=60)
-
-
 # --- helpers ------------------------------------------------------------------------------
-
-
-class Documents:
-    """A second subscriber: the raw documents exactly as the RunEngine emitted them."""
-
-    def __init__(self) -> None:
-        self.docs: list[tuple[str, dict[str, Any]]] = []
-
-    def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        self.docs.append((name, copy.deepcopy(doc)))
-
-    def run(self, uid: str) -> list[tuple[str, dict[str, Any]]]:
-        """Every document of run ``uid``, start to stop, in emission order."""
-        descriptors = {
-            d["uid"] for n, d in self.docs if n == "descriptor" and d["run_start"] == uid
-        }
-        resources = {
-            d["uid"] for n, d in self.docs if n == "resource" and d.get("run_start") == uid
-        }
-        out = []
-        for name, doc in self.docs:
-            if (
-                (name == "start" and doc["uid"] == uid)
-                or (name in ("descriptor", "stop", "resource") and doc.get("run_start") == uid)
-                or (name == "event" and doc["descriptor"] in descriptors)
-                or (name == "datum" and doc["resource"] in resources)
-            ):
-                out.append((name, doc))
-        return out
-
-    def stop(self, uid: str) -> dict[str, Any]:
-        [stop] = [d for n, d in self.docs if n == "stop" and d["run_start"] == uid]
-        return stop
-
-    def events(self, uid: str, stream: str = "primary") -> list[dict[str, Any]]:
-        descriptors = {
-            d["uid"]
-            for n, d in self.docs
-            if n == "descriptor" and d["run_start"] == uid and d["name"] == stream
-        }
-        events = [d for n, d in self.docs if n == "event" and d["descriptor"] in descriptors]
-        return sorted(events, key=lambda e: e["seq_num"])
 
 
 def only_child(store: AnalysisStore, raw_uid: str) -> Any:
@@ -166,7 +80,7 @@ def is_inside(path: str, folder: str) -> bool:
     return os.path.commonpath([real, root]) == root
 
 
-def filled_raw_frames(raw: Documents, uid: str, key: str = "img") -> list[np.ndarray]:
+def filled_raw_frames(raw: DocumentRecorder, uid: str, key: str = "img") -> list[np.ndarray]:
     """The raw frames read back from the raw files, through event-model's own Filler."""
     filler = Filler({"NPY_SEQ": ophyd.sim.NumpySeqHandler}, inplace=False)
     frames = []
@@ -185,7 +99,7 @@ def test_count_child_run_has_provenance_values_and_links(RE, hw, store, make_cal
     hw.det.noise.put("uniform")  # readings differ, so the values must follow the real ones
     reducer = functools.partial(scaled, threshold=3)
     callback = make_callback([reducer])
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(callback)
     RE.subscribe(raw)
 
@@ -241,7 +155,7 @@ def test_scans_give_one_child_event_per_raw_event(
     RE, hw, store, make_callback, make_plan, key, num
 ):
     reducer = functools.partial(scaled, key=key, threshold=0.5)
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(make_callback([reducer]))
     RE.subscribe(raw)
 
@@ -267,11 +181,11 @@ def test_scans_give_one_child_event_per_raw_event(
 
 
 def test_img_frames_are_filled_and_derived_images_go_to_files(
-    RE, hw, store, live_store_folder, make_callback
+    RE, hw, store, module_store_folder, make_callback
 ):
     num = 4
     hw.img.sim_set_func(FrameSequence())
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(make_callback([image_stats], writers={"as_u16": "TIFF"}))
     RE.subscribe(raw)
 
@@ -286,7 +200,7 @@ def test_img_frames_are_filled_and_derived_images_go_to_files(
     for n, raw_frame in enumerate(frames):
         np.testing.assert_array_equal(raw_frame, frame(n))
 
-    reopened = AnalysisStore.open(live_store_folder)
+    reopened = AnalysisStore.open(module_store_folder)
     child = only_child(reopened, raw_uid)
 
     # The reducer saw numpy arrays of the frame's shape.
@@ -388,7 +302,7 @@ def test_stateful_reducer_subtracts_dark_and_sums_without_leaking_between_runs(
 
 
 def test_two_runs_in_a_row_get_their_own_child(RE, hw, store, make_callback):
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(make_callback([scaled]))
     RE.subscribe(raw)
 
@@ -432,7 +346,7 @@ def three_events_then(det: Any, ending: str):
 def test_failed_or_aborted_scan_gives_a_child_with_the_same_exit_status(
     RE, hw, store, make_callback, ending
 ):
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(make_callback([scaled]))
     RE.subscribe(raw)
 
@@ -475,7 +389,7 @@ def test_failed_or_aborted_scan_gives_a_child_with_the_same_exit_status(
 def test_a_failing_event_is_recorded_and_the_scan_completes(
     RE, hw, store, make_callback, reducer, stage, error
 ):
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(make_callback([reducer]))
     RE.subscribe(raw)
 
@@ -607,13 +521,13 @@ READER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
 def test_another_process_sees_derived_events_before_the_raw_run_ends(
-    RE, hw, store, live_store_folder, make_callback, tmp_path, background
+    RE, hw, store, module_store_folder, make_callback, tmp_path, background
 ):
     timeout = 60.0
     uid_file, out_file = tmp_path / "raw_uid.txt", tmp_path / "reader.json"
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER_SCRIPT, str(live_store_folder), str(uid_file), str(out_file),
-         str(timeout)],
+        [sys.executable, "-c", READER_SCRIPT, str(module_store_folder), str(uid_file),
+         str(out_file), str(timeout)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -665,7 +579,7 @@ def test_another_process_sees_derived_events_before_the_raw_run_ends(
 def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
     RE, hw, store, make_callback, caplog, background, on_error
 ):
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(raw)
     (missed_uid,) = RE(count([hw.det, hw.img], num=3))
     callback = make_callback([scaled], background=background, on_error=on_error)
@@ -692,7 +606,7 @@ def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
 def test_flush_saves_what_was_handed_over_and_close_ignores_later_documents(
     RE, hw, store, make_callback, caplog, background
 ):
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(raw)
     (open_uid,) = RE(count([hw.det], num=4))
     (late_uid,) = RE(count([hw.det], num=2))
@@ -738,7 +652,7 @@ def test_a_lambda_reducer_is_refused_unless_strict_is_off(RE, hw, store, make_ca
         AnalysisStoreCallback([local_reducer], store)
 
     RE.subscribe(make_callback([lambda data: {"total": 2 * float(data["det"])}], strict=False))
-    raw = Documents()
+    raw = DocumentRecorder()
     RE.subscribe(raw)
     (raw_uid,) = RE(count([hw.det], num=2))
 

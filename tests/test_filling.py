@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import pathlib
 import shutil
@@ -16,28 +15,12 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import ophyd.sim  # noqa: E402
 import pytest  # noqa: E402
-from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
-from bluesky.run_engine import TransitionError  # noqa: E402
 
+from _live import DocumentRecorder  # noqa: E402
 from _reducers_for_tests import FrameSequence, frame, image_stats  # noqa: E402
 from bluesky_analysis_store import compose_documents  # noqa: E402
 from bluesky_analysis_store._filling import EventFiller, handler_registry  # noqa: E402
-
-
-@pytest.fixture
-def RE():  # noqa: N802
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
 
 
 def fill_run(
@@ -62,10 +45,10 @@ def fill_run(
 def img_run(RE, save_path: pathlib.Path, num: int) -> list[tuple[str, dict[str, Any]]]:
     hw = ophyd.sim.hw(save_path=str(save_path))
     hw.img.sim_set_func(FrameSequence())
-    documents: list[tuple[str, dict[str, Any]]] = []
-    RE.subscribe(lambda name, doc: documents.append((name, copy.deepcopy(doc))))
+    recorder = DocumentRecorder()
+    RE.subscribe(recorder)
     RE(count([hw.img, hw.det], num=num))
-    return documents
+    return recorder.docs
 
 
 def test_the_entry_points_give_ophyd_sims_npy_seq_handler_and_the_package_formats():

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+from _helpers import assert_same_array
 
 from bluesky_analysis_store import STORE_ENV, AnalysisStore, DataKeyError, DataValueError
 from bluesky_analysis_store._errors import AnalysisStoreError, IngestError
@@ -20,32 +21,17 @@ from bluesky_analysis_store._ingest import ingest
 INGEST_CODE_NAME = "bluesky_analysis_store._ingest:ingest"
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
+# ``store``, the store ingest writes into, is the module's own: see conftest.py.
 
 
 @pytest.fixture(scope="module")
-def store(store_dir: Path) -> AnalysisStore:
-    """The store ingest writes into."""
-    return AnalysisStore.open(store_dir)
-
-
-@pytest.fixture(scope="module")
-def reopened(store: AnalysisStore, store_dir: Path) -> AnalysisStore:
+def reopened(store: AnalysisStore, module_store_folder: Path) -> AnalysisStore:
     """A second, separate store on the same folder: reads what reached the disk, not a cache."""
-    return AnalysisStore.open(store_dir)
+    return AnalysisStore.open(module_store_folder)
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_same(read: np.ndarray, expected: np.ndarray) -> None:
-    """Equal values, and the very same dtype and shape."""
-    assert read.dtype == expected.dtype
-    assert read.shape == expected.shape
-    np.testing.assert_array_equal(read, expected)
 
 
 def assert_input_files(run, files: list[Path]) -> None:
@@ -56,10 +42,10 @@ def assert_input_files(run, files: list[Path]) -> None:
 
 
 def assert_sources(run, stream: str, files: list[Path], indices: list[int]) -> None:
-    assert_same(
+    assert_same_array(
         run[stream]["source_file"].read(), np.array([str(f.absolute()) for f in files])
     )
-    assert_same(run[stream]["source_index"].read(), np.array(indices, dtype=np.int64))
+    assert_same_array(run[stream]["source_index"].read(), np.array(indices, dtype=np.int64))
 
 
 def data_keys(run, stream: str) -> set[str]:
@@ -81,7 +67,7 @@ def asset_files(store_dir: Path) -> set[Path]:
 
 
 def test_single_page_tiff(
-    store: AnalysisStore, reopened: AnalysisStore, store_dir: Path, tmp_path: Path
+    store: AnalysisStore, reopened: AnalysisStore, module_store_folder: Path, tmp_path: Path
 ) -> None:
     image = np.arange(30, dtype=np.uint16).reshape(5, 6) * 1000
     path = tmp_path / "sample.tif"
@@ -92,7 +78,7 @@ def test_single_page_tiff(
     run = reopened[uid]
     assert run.start["sample"] == "Si"
     assert list(run) == ["primary"]
-    assert_same(run["primary"]["image"].read(), image[np.newaxis])
+    assert_same_array(run["primary"]["image"].read(), image[np.newaxis])
     assert_sources(run, "primary", [path], [0])
     assert_input_files(run, [path])
     code = run.start["provenance"]["code"]
@@ -100,13 +86,13 @@ def test_single_page_tiff(
     assert code[0]["importable"] is True
     assert run.start["parent_uids"] == []
     # Written through the default format, HDF5, under the store's asset folder.
-    assert list((store_dir / "assets" / uid / "primary").iterdir()) == [
-        store_dir / "assets" / uid / "primary" / "image.h5"
+    assert list((module_store_folder / "assets" / uid / "primary").iterdir()) == [
+        module_store_folder / "assets" / uid / "primary" / "image.h5"
     ]
 
 
 def test_multi_page_tiffs_give_one_event_per_page(
-    store: AnalysisStore, reopened: AnalysisStore, store_dir: Path, tmp_path: Path
+    store: AnalysisStore, reopened: AnalysisStore, module_store_folder: Path, tmp_path: Path
 ) -> None:
     first = np.random.default_rng(1).random((3, 4, 5), dtype=np.float32)
     second = np.random.default_rng(2).random((2, 4, 5), dtype=np.float32)
@@ -121,15 +107,16 @@ def test_multi_page_tiffs_give_one_event_per_page(
     run = reopened[uid]
     assert list(run) == ["frames"]
     # Files in the order given, pages in file order.
-    assert_same(run["frames"]["image"].read(), np.concatenate([second, first]))
+    assert_same_array(run["frames"]["image"].read(), np.concatenate([second, first]))
     assert_sources(run, "frames", [path_b] * 2 + [path_a] * 3, [0, 1, 0, 1, 2])
     assert_input_files(run, [path_b, path_a])
-    written = sorted(p.name for p in (store_dir / "assets" / uid / "frames" / "image").iterdir())
+    image_folder = module_store_folder / "assets" / uid / "frames" / "image"
+    written = sorted(p.name for p in image_folder.iterdir())
     assert written == [f"{i:06d}.tif" for i in range(5)]
 
 
 def test_npy_series_written_as_npy(
-    store: AnalysisStore, reopened: AnalysisStore, store_dir: Path, tmp_path: Path
+    store: AnalysisStore, reopened: AnalysisStore, module_store_folder: Path, tmp_path: Path
 ) -> None:
     frames = [np.full((4, 3), i, dtype=np.int32) - 7 * i for i in range(3)]
     paths = [tmp_path / f"frame_{i}.npy" for i in range(3)]
@@ -144,14 +131,14 @@ def test_npy_series_written_as_npy(
     )
 
     run = reopened[uid]
-    assert_same(run["primary"]["image"].read(), np.stack(frames))
+    assert_same_array(run["primary"]["image"].read(), np.stack(frames))
     assert_sources(run, "primary", paths, [0, 0, 0])
     assert_input_files(run, paths)
     assert [r["name"] for r in run.start["provenance"]["code"]] == [
         INGEST_CODE_NAME,
         "lab.scripts:convert",
     ]
-    written = sorted(p.name for p in (store_dir / "assets" / uid / "primary").iterdir())
+    written = sorted(p.name for p in (module_store_folder / "assets" / uid / "primary").iterdir())
     assert written == ["image_0.npy", "image_1.npy", "image_2.npy"]
 
 
@@ -184,8 +171,8 @@ def test_hdf5_file_with_two_datasets(
     run = reopened[uid]
     stream = run["primary"]
     assert data_keys(run, "primary") == {"frames", "exposure_time", "source_file", "source_index"}
-    assert_same(stream["frames"].read(), frames)  # frames along axis 0
-    assert_same(stream["exposure_time"].read(), exposure)  # one scalar per event, inline
+    assert_same_array(stream["frames"].read(), frames)  # frames along axis 0
+    assert_same_array(stream["exposure_time"].read(), exposure)  # one scalar per event, inline
     assert_sources(run, "primary", [path] * 5, [0, 1, 2, 3, 4])
     assert_input_files(run, [path])
 
@@ -205,8 +192,8 @@ def test_hdf5_datasets_chosen_with_double_colon(
 
     run = reopened[uid]
     assert data_keys(run, "primary") == {"frames", "exposure", "source_file", "source_index"}
-    assert_same(run["primary"]["frames"].read(), frames)
-    assert_same(run["primary"]["exposure"].read(), exposure)
+    assert_same_array(run["primary"]["frames"].read(), frames)
+    assert_same_array(run["primary"]["exposure"].read(), exposure)
     assert_sources(run, "primary", [path] * 4, [0, 1, 2, 3])
     assert_input_files(run, [path])  # one file, recorded once
 
@@ -227,13 +214,13 @@ def test_csv_table(store: AnalysisStore, reopened: AnalysisStore, tmp_path: Path
     assert run.start["parent_uids"] == ["raw-run-uid"]
     assert list(run) == ["peak_fits_v2"]  # the file's stem, made a valid name
     table = run["peak_fits_v2"]
-    assert_same(table["sample"].read(), np.array(["Si", "LaB6 std", ""]))
-    assert_same(table["counts"].read(), np.array([12, -3, 7], dtype=np.int64))
-    assert_same(table["intensity_a_u"].read(), np.array([1.5, np.nan, 2000.0]))
-    assert_same(table["time_"].read(), np.array([0.25, 0.5, 1.0]))  # 'time' is reserved
-    assert_same(table["column_2theta"].read(), np.array([28.4, 30.0, 31.25]))
+    assert_same_array(table["sample"].read(), np.array(["Si", "LaB6 std", ""]))
+    assert_same_array(table["counts"].read(), np.array([12, -3, 7], dtype=np.int64))
+    assert_same_array(table["intensity_a_u"].read(), np.array([1.5, np.nan, 2000.0]))
+    assert_same_array(table["time_"].read(), np.array([0.25, 0.5, 1.0]))  # 'time' is reserved
+    assert_same_array(table["column_2theta"].read(), np.array([28.4, 30.0, 31.25]))
     # Identifiers that Python's int() would take ("2023_01" is 202301 to it) stay strings.
-    assert_same(table["scan"].read(), np.array(["2023_01", "2023_02", "17"]))
+    assert_same_array(table["scan"].read(), np.array(["2023_01", "2023_02", "17"]))
     assert_sources(run, "peak_fits_v2", [path] * 3, [0, 1, 2])
     assert_input_files(run, [path])
 
@@ -261,12 +248,12 @@ def test_folder_of_tiffs_and_a_table(
     in_order = [folder / name for name in ("a.tif", "b.tif", "c.tif", "log.csv")]
     assert_input_files(run, in_order)  # sorted by name; .txt and the subfolder left out
     assert sorted(run) == ["log", "primary"]
-    assert_same(
+    assert_same_array(
         run["primary"]["image"].read(), np.stack([images["a"], images["b"], images["c"]])
     )
     assert_sources(run, "primary", in_order[:3], [0, 0, 0])
-    assert_same(run["log"]["step"].read(), np.array([1, 2], dtype=np.int64))
-    assert_same(run["log"]["temperature"].read(), np.array([300.5, 301.0]))
+    assert_same_array(run["log"]["step"].read(), np.array([1, 2], dtype=np.int64))
+    assert_same_array(run["log"]["temperature"].read(), np.array([300.5, 301.0]))
     assert_sources(run, "log", [in_order[3]] * 2, [0, 1])
     # One INFO line per file read.
     read_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read ")]
@@ -282,7 +269,7 @@ def test_default_store_comes_from_the_environment(isolated_env: Path) -> None:
 
     run = AnalysisStore.open(default)[uid]
     assert run.start["kind"] == "dark"
-    assert_same(run["primary"]["image"].read(), np.eye(3)[np.newaxis])
+    assert_same_array(run["primary"]["image"].read(), np.eye(3)[np.newaxis])
     assert_input_files(run, [path])
 
 
@@ -410,10 +397,10 @@ def _object_npy(folder: Path) -> list[str]:
     ],  # fmt: skip
 )
 def test_refused_inputs_save_nothing(
-    make_paths, error, message, store: AnalysisStore, store_dir: Path, tmp_path: Path
+    make_paths, error, message, store: AnalysisStore, module_store_folder: Path, tmp_path: Path
 ) -> None:
     paths = make_paths(tmp_path)
-    runs_before, assets_before = run_uids(store), asset_files(store_dir)
+    runs_before, assets_before = run_uids(store), asset_files(module_store_folder)
 
     with pytest.raises(error) as caught:
         ingest(paths, {"sample": "x"}, store)
@@ -421,7 +408,7 @@ def test_refused_inputs_save_nothing(
     assert message in str(caught.value)
     assert isinstance(caught.value, AnalysisStoreError)
     assert run_uids(store) == runs_before
-    assert asset_files(store_dir) == assets_before
+    assert asset_files(module_store_folder) == assets_before
 
 
 def test_refused_input_does_not_even_open_the_default_store(isolated_env: Path) -> None:

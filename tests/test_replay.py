@@ -7,7 +7,6 @@ frames are loaded from those documents with event-model's ``Filler``, independen
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 import sys
 from typing import Any
@@ -16,60 +15,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
-from bluesky.run_engine import TransitionError  # noqa: E402
 from event_model import Filler  # noqa: E402
-from ophyd.sim import NumpySeqHandler, SynAxis  # noqa: E402
+from ophyd.sim import NumpySeqHandler  # noqa: E402
 
-from _offline_reducers import Recorder, dark_then_positions  # noqa: E402
-from bluesky_analysis_store import AnalysisStore  # noqa: E402
+from _live import dark_then_positions  # noqa: E402
 from bluesky_analysis_store._replay import count_events, replay_run  # noqa: E402
-from bluesky_analysis_store.sim import spot_camera  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("raw")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, raw_folder: pathlib.Path) -> AnalysisStore:
-    return AnalysisStore.open(tmp_path_factory.mktemp("store"), readable=[raw_folder])
+# The RunEngine, the devices and the module's store are fixtures of conftest.py.
+pytestmark = pytest.mark.usefixtures("runs_saved_in_store")
 
 
 @pytest.fixture
-def RE(store: AnalysisStore):  # noqa: N802 - the name every bluesky user knows
-    """A RunEngine whose runs are saved into the store."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    engine.subscribe(store)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
-
-
-@pytest.fixture
-def recorder(RE: RunEngine) -> Recorder:  # noqa: N803
-    recorder = Recorder()
-    RE.subscribe(recorder)
-    return recorder
-
-
-@pytest.fixture
-def motor() -> SynAxis:
-    return SynAxis(name="motor")
-
-
-@pytest.fixture
-def cam(motor: SynAxis, raw_folder: pathlib.Path) -> Any:
-    return spot_camera(motor, str(raw_folder), shape=(12, 10))
+def cam_shape() -> tuple[int, int]:
+    """Small frames, and not square: a transposed frame would be caught."""
+    return (12, 10)
 
 
 def emitted_events(documents: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:

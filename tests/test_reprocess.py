@@ -7,7 +7,6 @@ test makes raw runs of its own and looks only at those.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import pathlib
@@ -18,91 +17,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
-from bluesky.run_engine import TransitionError  # noqa: E402
-from ophyd.sim import SynAxis  # noqa: E402
 
-from _offline_reducers import (  # noqa: E402
-    Recorder,
-    dark_then_positions,
-    frame_peak,
-    row_sums,
-    scaled_total,
-)
-from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback, reprocess  # noqa: E402
+from _helpers import assert_same_array  # noqa: E402
+from _live import dark_then_positions  # noqa: E402
+from _offline_reducers import frame_peak, row_sums, scaled_total  # noqa: E402
+from bluesky_analysis_store import AnalysisStore, reprocess  # noqa: E402
 from bluesky_analysis_store.example_reducers import (  # noqa: E402
     DarkSubtracted,
     normalise_and_sum,
 )
-from bluesky_analysis_store.sim import spot_camera  # noqa: E402
 
-# --- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("raw")
-
-
-@pytest.fixture(scope="module")
-def store_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture(scope="module")
-def store(store_folder: pathlib.Path, raw_folder: pathlib.Path) -> AnalysisStore:
-    """Raw and derived runs side by side; the raw frames are readable by the store."""
-    return AnalysisStore.open(store_folder, readable=[raw_folder])
-
-
-@pytest.fixture
-def RE(store: AnalysisStore):  # noqa: N802 - the name every bluesky user knows
-    """A RunEngine whose raw runs are saved into the store."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    engine.subscribe(store)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
-
-
-@pytest.fixture
-def recorder(RE: RunEngine) -> Recorder:  # noqa: N803
-    recorder = Recorder()
-    RE.subscribe(recorder)
-    return recorder
-
-
-@pytest.fixture
-def motor() -> SynAxis:
-    return SynAxis(name="motor")
-
-
-@pytest.fixture
-def cam(motor: SynAxis, raw_folder: pathlib.Path) -> Any:
-    return spot_camera(motor, str(raw_folder), shape=(32, 32))
-
-
-@pytest.fixture
-def make_callback(store: AnalysisStore):
-    """Live callbacks on the module's store; each is closed (worker joined) afterwards."""
-    made: list[AnalysisStoreCallback] = []
-
-    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
-        callback = AnalysisStoreCallback(reducers, store, **kwargs)
-        made.append(callback)
-        return callback
-
-    yield make
-    for callback in made:
-        callback.close(timeout=60)
+# The RunEngine, the devices and the module's store are fixtures of conftest.py.
+pytestmark = pytest.mark.usefixtures("runs_saved_in_store")
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -111,13 +38,6 @@ def make_callback(store: AnalysisStore):
 def data_columns(run: Any, stream: str) -> list[str]:
     """The stream's columns that hold data: not the event times nor the timestamps."""
     return sorted(k for k in run[stream] if k != "time" and not k.startswith("ts_"))
-
-
-def assert_same_array(a: Any, b: Any, what: str) -> None:
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype, (what, a.dtype, b.dtype)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    np.testing.assert_array_equal(a, b, err_msg=what)
 
 
 def asset_entries(store: AnalysisStore) -> set[str]:

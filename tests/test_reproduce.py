@@ -7,7 +7,6 @@ the code (in a git checkout of its own) or an ingested input file must be found 
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import pathlib
 import subprocess
@@ -21,84 +20,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
-from bluesky.run_engine import TransitionError  # noqa: E402
-from ophyd.sim import SynAxis  # noqa: E402
 
-from _offline_reducers import Recorder, dark_then_positions, ingest_table  # noqa: E402
-from bluesky_analysis_store import (  # noqa: E402
-    AnalysisStore,
-    AnalysisStoreCallback,
-    ProvenanceError,
-    reproduce,
-)
+from _live import dark_then_positions  # noqa: E402
+from _offline_reducers import ingest_table  # noqa: E402
+from bluesky_analysis_store import AnalysisStore, ProvenanceError, reproduce  # noqa: E402
 from bluesky_analysis_store._provenance import _git_state  # noqa: E402
 from bluesky_analysis_store.example_reducers import (  # noqa: E402
     DarkSubtracted,
     normalise_and_sum,
 )
-from bluesky_analysis_store.sim import spot_camera, spot_image  # noqa: E402
+from bluesky_analysis_store.sim import spot_image  # noqa: E402
 
-# --- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def raw_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("raw")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, raw_folder: pathlib.Path) -> AnalysisStore:
-    """Raw and derived runs side by side; the raw frames are readable by the store."""
-    return AnalysisStore.open(tmp_path_factory.mktemp("store"), readable=[raw_folder])
-
-
-@pytest.fixture
-def RE(store: AnalysisStore):  # noqa: N802 - the name every bluesky user knows
-    """A RunEngine whose raw runs are saved into the store."""
-    loop = asyncio.new_event_loop()
-    engine = RunEngine({}, loop=loop)
-    engine.subscribe(store)
-    yield engine
-    if engine.state not in ("idle", "panicked"):
-        try:
-            engine.halt()
-        except TransitionError:
-            pass
-    loop.call_soon_threadsafe(loop.stop)
-    engine._th.join()
-    loop.close()
-
-
-@pytest.fixture
-def recorder(RE: RunEngine) -> Recorder:  # noqa: N803
-    recorder = Recorder()
-    RE.subscribe(recorder)
-    return recorder
-
-
-@pytest.fixture
-def motor() -> SynAxis:
-    return SynAxis(name="motor")
-
-
-@pytest.fixture
-def cam(motor: SynAxis, raw_folder: pathlib.Path) -> Any:
-    return spot_camera(motor, str(raw_folder), shape=(32, 32))
-
-
-@pytest.fixture
-def make_callback(store: AnalysisStore):
-    """Live callbacks on the module's store; each is closed (worker joined) afterwards."""
-    made: list[AnalysisStoreCallback] = []
-
-    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
-        callback = AnalysisStoreCallback(reducers, store, **kwargs)
-        made.append(callback)
-        return callback
-
-    yield make
-    for callback in made:
-        callback.close(timeout=60)
+# The RunEngine, the devices and the module's store are fixtures of conftest.py.
+pytestmark = pytest.mark.usefixtures("runs_saved_in_store")
 
 
 REDUCERS = [normalise_and_sum, DarkSubtracted(key="cam")]
