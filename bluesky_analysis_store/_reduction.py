@@ -38,6 +38,9 @@ Sink = Callable[[str, dict[str, Any]], None]
 # it, and live and offline child data must be identical.)
 PARENT_EVENT_KEYS = ("parent_seq_num",)
 SUMMARY_STREAM = "summary"
+_ASSET_DOCUMENTS = frozenset(
+    {"resource", "datum", "datum_page", "stream_resource", "stream_datum"}
+)
 # Failures kept in the child's stop document in full; the rest are only counted.
 MAX_RECORDED_FAILURES = 100
 MAX_LOGGED_TRACEBACKS = 5
@@ -145,6 +148,12 @@ class RunReduction(DocumentRouter):
 
     # --- raw documents ------------------------------------------------------------------
 
+    def __call__(self, name: str, doc: dict[str, Any], validate: bool = False) -> Any:
+        if name in _ASSET_DOCUMENTS:  # they only tell the filler where external data is
+            self._filler(name, doc)
+            return name, doc
+        return super().__call__(name, doc, validate)
+
     def start(self, doc: dict[str, Any]) -> None:
         parent_uids, provenance = make_provenance(
             [{"uid": doc["uid"]}], (), self._plan.code, strict=self._plan.strict
@@ -175,21 +184,6 @@ class RunReduction(DocumentRouter):
         self._filler("descriptor", doc)
         for reducer in self._reducers:
             self._guard(reducer.descriptor, doc, stage=f"{_name(reducer)}.descriptor")
-
-    def resource(self, doc: dict[str, Any]) -> None:
-        self._filler("resource", doc)
-
-    def datum(self, doc: dict[str, Any]) -> None:
-        self._filler("datum", doc)
-
-    def datum_page(self, doc: dict[str, Any]) -> None:
-        self._filler("datum_page", doc)
-
-    def stream_resource(self, doc: dict[str, Any]) -> None:
-        self._filler("stream_resource", doc)
-
-    def stream_datum(self, doc: dict[str, Any]) -> None:
-        self._filler("stream_datum", doc)
 
     def event_page(self, doc: dict[str, Any]) -> None:
         for event in unpack_event_page(doc):
