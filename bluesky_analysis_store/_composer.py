@@ -159,9 +159,7 @@ class RunComposer:
         docs: list[Document] = []
         known = self._streams.get(stream)
         if known is None:
-            docs += self.declare_stream(
-                stream, {k: describe_value(v) for k, v in values.items()}
-            )
+            docs += self.declare_stream(stream, {k: describe_value(v) for k, v in values.items()})
             known = self._streams[stream]
         else:
             self._check_against_descriptor(stream, known, values)
@@ -213,9 +211,7 @@ class RunComposer:
         """Close the writers and return the stop document (``extra`` goes into it)."""
         self.close()
         self._stopped = True
-        stop = self._bundle.compose_stop(
-            exit_status=exit_status, reason=reason, validate=False
-        )
+        stop = self._bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
         stop = {**stop, **extra}
         if self._validate:
             schema_validators[DocumentNames.stop].validate(stop)
@@ -259,7 +255,9 @@ class RunComposer:
                     f"{tuple(new['shape'])}"
                 )
 
-    def _open_file_key(self, stream: str, known: _Stream, key: str, docs: list[Document]) -> _FileKey:
+    def _open_file_key(
+        self, stream: str, known: _Stream, key: str, docs: list[Document]
+    ) -> _FileKey:
         spec = self._writers[key]
         root = ensure_writable_root(spec.root)
         stem = f"{self.uid}/{stream}/{key}"
@@ -360,9 +358,7 @@ def compose_documents(
     metadata = check_metadata(md)
     writers = resolve_writers(writers_dict, root)
     planned = _plan_streams(data_dicts, writers)
-    used_roots = {
-        writers[key].root for keys in planned.values() for key in keys if key in writers
-    }
+    used_roots = {writers[key].root for keys in planned.values() for key in keys if key in writers}
     for used_root in sorted(used_roots):
         ensure_writable_root(used_root)
     parent_uids, provenance = make_provenance(parents, files, code, strict=strict)

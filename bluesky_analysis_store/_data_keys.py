@@ -11,7 +11,14 @@ import numpy as np
 
 from ._errors import DataKeyError, DataValueError
 
-__all__ = ["RESERVED_KEYS", "check_data_key", "check_stream_keys", "describe_value", "merge_data_key", "normalise_value"]
+__all__ = [
+    "RESERVED_KEYS",
+    "check_data_key",
+    "check_stream_keys",
+    "describe_value",
+    "merge_data_key",
+    "normalise_value",
+]
 
 # event-model's schema pattern for data keys: no '.' and no '/'.
 _DATA_KEY_PATTERN = re.compile(r"^[^./]+$")
@@ -27,14 +34,11 @@ RESERVED_KEYS = frozenset({"time", "seq_num"})
 def check_data_key(key: Any) -> str:
     if not isinstance(key, str) or not _DATA_KEY_PATTERN.match(key):
         raise DataKeyError(
-            f"data key {key!r} is not allowed: a data key is a non-empty string "
-            "without '/' or '.'"
+            f"data key {key!r} is not allowed: a data key is a non-empty string without '/' or '.'"
         )
     if key in RESERVED_KEYS:
-        raise DataKeyError(
-            f"data key {key!r} is reserved (the store's tables use it); rename it"
-        )
-    if not _COLUMN_START.match(key) or (bad := _FORBIDDEN_IN_COLUMNS.search(key)):
+        raise DataKeyError(f"data key {key!r} is reserved (the store's tables use it); rename it")
+    if not _COLUMN_START.match(key) or _FORBIDDEN_IN_COLUMNS.search(key):
         raise DataKeyError(
             f"data key {key!r} cannot name a column of the store's tables: start it with a "
             "letter and leave out quotes, ';', '\\', '%', '(', ')', '=', '+', '--', '/*'"

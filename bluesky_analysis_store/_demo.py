@@ -42,7 +42,7 @@ def run_demo(
 
     motor = SynAxis(name="motor")
     camera = spot_camera(motor, raw_folder)
-    RE = RunEngine({})
+    RE = RunEngine({})  # noqa: N806 - the name every bluesky user knows
     RE.subscribe(store)  # the raw run goes into the same catalog, beside its child
     analysis = AnalysisStoreCallback([spot_statistics], store, md={"purpose": "demo"})
     RE.subscribe(analysis)

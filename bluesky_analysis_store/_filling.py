@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any

@@ -256,7 +256,11 @@ def environment_record(extra_distributions: Iterable[str] = ()) -> dict[str, Any
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
-    if hasattr(value, "start") or isinstance(value, (str, bytes, os.PathLike, Mapping)) or callable(value):
+    if (
+        hasattr(value, "start")
+        or isinstance(value, (str, bytes, os.PathLike, Mapping))
+        or callable(value)
+    ):
         return [value]
     return list(value)
 

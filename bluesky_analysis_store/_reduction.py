@@ -38,9 +38,7 @@ Sink = Callable[[str, dict[str, Any]], None]
 # it, and live and offline child data must be identical.)
 PARENT_EVENT_KEYS = ("parent_seq_num",)
 SUMMARY_STREAM = "summary"
-_ASSET_DOCUMENTS = frozenset(
-    {"resource", "datum", "datum_page", "stream_resource", "stream_datum"}
-)
+_ASSET_DOCUMENTS = frozenset({"resource", "datum", "datum_page", "stream_resource", "stream_datum"})
 # Failures kept in the child's stop document in full; the rest are only counted.
 MAX_RECORDED_FAILURES = 100
 MAX_LOGGED_TRACEBACKS = 5
@@ -163,7 +161,10 @@ class RunReduction(DocumentRouter):
             "parent_uids": parent_uids,
             "provenance": provenance,
         }
-        for raw_key, child_key in (("scan_id", "parent_scan_id"), ("plan_name", "parent_plan_name")):
+        for raw_key, child_key in (
+            ("scan_id", "parent_scan_id"),
+            ("plan_name", "parent_plan_name"),
+        ):
             if raw_key in doc and child_key not in md:
                 md[child_key] = doc[raw_key]
         self._composer = RunComposer(
@@ -264,7 +265,10 @@ class RunReduction(DocumentRouter):
             self._fail(error, stage, {})
 
     def _emit(
-        self, documents: Iterable[tuple[str, dict[str, Any]]], *, stage: str,
+        self,
+        documents: Iterable[tuple[str, dict[str, Any]]],
+        *,
+        stage: str,
         where: Mapping[str, Any] | None = None,
     ) -> bool:
         try:
@@ -316,5 +320,7 @@ def _merge(into: dict[str, Any], values: Any, reducer: Reducer) -> None:
             f"reducer {_name(reducer)} returns {sorted(taken)}, which another reducer returns too"
         )
     if reserved := set(PARENT_EVENT_KEYS) & values.keys():
-        raise AnalysisStoreError(f"reducer {_name(reducer)} returns reserved keys {sorted(reserved)}")
+        raise AnalysisStoreError(
+            f"reducer {_name(reducer)} returns reserved keys {sorted(reserved)}"
+        )
     into.update(values)

@@ -23,7 +23,9 @@ _BLOCK_ROWS = 16
 _TABLE_COLUMNS = frozenset({"seq_num", "time"})
 
 
-def _stream_events(stream_name: str, stream: Any, descriptor: dict[str, Any]) -> Iterator[tuple[float, int, str, dict[str, Any]]]:
+def _stream_events(
+    stream_name: str, stream: Any, descriptor: dict[str, Any]
+) -> Iterator[tuple[float, int, str, dict[str, Any]]]:
     data_keys = list(descriptor["data_keys"])
     available = set(stream)
     seq_nums = np.asarray(stream["seq_num"].read())
@@ -55,7 +57,7 @@ def _stream_events(stream_name: str, stream: Any, descriptor: dict[str, Any]) ->
                 "timestamps": {
                     key: float(stamps[key][row]) if key in stamps else time for key in data_keys
                 },
-                "filled": {key: True for key in external},
+                "filled": dict.fromkeys(external, True),
             }
             yield time, seq_num, stream_name, event
 

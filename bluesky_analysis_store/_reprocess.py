@@ -46,7 +46,11 @@ def code_versions(code: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str
     import json
 
     return sorted(
-        (c.get("name", ""), str(c.get("version", "")), json.dumps(c.get("params", {}), sort_keys=True))
+        (
+            c.get("name", ""),
+            str(c.get("version", "")),
+            json.dumps(c.get("params", {}), sort_keys=True),
+        )
         for c in code
     )
 
@@ -139,7 +143,9 @@ def _reprocess_one(
         raise RunNotFoundError(f"no run {raw_uid!r} in the source catalog") from None
     documents: list[tuple[str, dict[str, Any]]] = []
     reduction = RunReduction(plan, lambda name, doc: documents.append((name, doc)))
-    bar = tqdm(total=count_events(run), desc=raw_uid[:8], unit="event", leave=False, disable=not progress)
+    bar = tqdm(
+        total=count_events(run), desc=raw_uid[:8], unit="event", leave=False, disable=not progress
+    )
     try:
         for name, doc in replay_run(run):
             reduction(name, doc)

@@ -10,7 +10,13 @@ from typing import Any
 from ._errors import AnalysisStoreError, WriterRootError
 from .formats import FileFormat, formats
 
-__all__ = ["DATA_ROOT_ENV", "WriterSpec", "default_data_root", "ensure_writable_root", "resolve_writers"]
+__all__ = [
+    "DATA_ROOT_ENV",
+    "WriterSpec",
+    "default_data_root",
+    "ensure_writable_root",
+    "resolve_writers",
+]
 
 DATA_ROOT_ENV = "BLUESKY_ANALYSIS_DATA"
 """Environment variable naming the folder derived files go under by default."""

@@ -57,7 +57,9 @@ class DarkSubtracted(Reducer):
         if stream != "primary":
             return None
         corrected = frame - self._dark if self._dark is not None else frame
-        self._running_sum = corrected if self._running_sum is None else self._running_sum + corrected
+        self._running_sum = (
+            corrected if self._running_sum is None else self._running_sum + corrected
+        )
         return {"corrected": corrected, "corrected_total": float(corrected.sum())}
 
     def stop(self, doc: Mapping[str, Any]) -> dict[str, Any] | None:
