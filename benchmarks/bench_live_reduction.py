@@ -87,19 +87,19 @@ class FrameSource:
 # --- measuring helpers ----------------------------------------------------------------
 
 
-def proc_status_kib(field_name: str) -> int:
-    """A ``VmRSS``/``VmHWM``-like field of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
+def proc_status_kib(field_name: str, pid: int | str = "self") -> int:
+    """A ``VmRSS``/``VmHWM``-like field of /proc/<pid>/status, in KiB."""
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
     raise KeyError(field_name)
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss(pid: int | str = "self") -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False when not allowed."""
     try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
         return True
     except OSError:
@@ -107,10 +107,12 @@ def reset_peak_rss() -> bool:
 
 
 class RSSSampler(threading.Thread):
-    """Samples VmRSS every ``interval`` s; keeps the peak overall and since the last mark."""
+    """Samples the VmRSS of ``pids``, added, every ``interval`` s; keeps the peak overall and
+    since the last mark."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, pids: Sequence[int | str] = ("self",), interval: float = 0.02) -> None:
         super().__init__(name="rss-sampler", daemon=True)
+        self.pids = list(pids)
         self.interval = interval
         self.peak = 0
         self.window_peak = 0
@@ -123,7 +125,7 @@ class RSSSampler(threading.Thread):
             self._stop_event.wait(self.interval)
 
     def sample(self) -> int:
-        rss = proc_status_kib("VmRSS")
+        rss = sum(proc_status_kib("VmRSS", pid) for pid in self.pids)
         with self._lock:
             self.peak = max(self.peak, rss)
             self.window_peak = max(self.window_peak, rss)
@@ -308,7 +310,7 @@ def scenario_a(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
     n, n_peer, repeats = args.events_a, args.peer_events, args.repeats_a
     source = FrameSource()
     store = AnalysisStore.open(work / "a-store")
-    cb = AnalysisStoreCallback([reducers.normalise_and_sum], store, background=True)
+    cb = AnalysisStoreCallback([reducers.normalise_and_sum], store)  # default: a worker process
     peer_client = open_peer_catalog(work / "a-peer") if not args.no_peer else None
 
     # Warm-up, off the clock: imports, first requests, first HDF5 file of each variant.
@@ -397,17 +399,32 @@ def thread_cpu_seconds() -> dict[str, float]:
     return seconds
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (0 for None)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+THREAD_GROUPS = {
+    "bluesky-run-engine": "RunEngine",
+    "analysis-store-worker": "worker thread",
+    "analysis-store-sender": "handover threads",
+    "analysis-store-listener": "handover threads",
+}
+
+
 def thread_groups(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds between two snapshots: the RunEngine, the analysis worker, the rest."""
-    groups = {"RunEngine": 0.0, "analysis worker": 0.0, "tiled and other threads": 0.0}
+    """CPU seconds between two snapshots: the RunEngine, the analysis worker thread, the
+    threads handing documents to a worker process, and the rest (tiled's in-process server)."""
+    groups = dict.fromkeys(
+        ["RunEngine", "worker thread", "handover threads", "tiled and other threads"], 0.0
+    )
     for name, value in after.items():
-        delta = value - before.get(name, 0.0)
-        if name == "bluesky-run-engine":
-            groups["RunEngine"] += delta
-        elif name == "analysis-store-worker":
-            groups["analysis worker"] += delta
-        else:
-            groups["tiled and other threads"] += delta
+        group = THREAD_GROUPS.get(name, "tiled and other threads")
+        groups[group] += value - before.get(name, 0.0)
     return groups
 
 
@@ -471,26 +488,36 @@ def scenario_b(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
             stores["server"] = AnalysisStore.from_uri(uri, api_key=api_key)
         except Exception as error:  # the extra variant is informative; go on without it
             logger.warning("scenario B runs without the tiled-server variant: %s", error)
+    # "process" is the default (background=True); "thread" is background="thread".
     callbacks = {
-        key: AnalysisStoreCallback([reducers.scale_scalar], store, background=True)
-        for key, store in stores.items()
+        "process": AnalysisStoreCallback([reducers.scale_scalar], stores["embedded"]),
+        "thread": AnalysisStoreCallback(
+            [reducers.scale_scalar], stores["embedded"], background="thread"
+        ),
     }
+    store_of = {"process": stores["embedded"], "thread": stores["embedded"]}
+    if "server" in stores:
+        callbacks["server"] = AnalysisStoreCallback([reducers.scale_scalar], stores["server"])
+        store_of["server"] = stores["server"]
     variants = ["alone", *callbacks]
 
     def scan(variant: str, points: int) -> dict[str, Any]:
         cb = callbacks.get(variant)
         token = RE.subscribe(cb) if cb is not None else None
+        worker_pid = cb.worker_pid if cb is not None else None
         try:
             threads_before = thread_cpu_seconds()
+            worker_before = process_cpu_seconds(worker_pid)
             t0, c0 = time.perf_counter(), time.process_time()
             (uid,) = RE(count([det], num=points))
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             threads = thread_groups(threads_before, thread_cpu_seconds())
+            threads["worker process"] = process_cpu_seconds(worker_pid) - worker_before
         finally:
             if token is not None:
                 RE.unsubscribe(token)
         if cb is not None:
-            store = stores[variant]
+            store = store_of[variant]
             (child_uid,) = store.children(uid)
             reduction = store[child_uid].stop["reduction"]
             if reduction["events_reduced"] != points or reduction["events_failed"]:
@@ -521,8 +548,9 @@ def scenario_b(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
     alone_t = med("alone", "wall")
     labels = {
         "alone": "scan alone",
-        "embedded": "scan + AnalysisStoreCallback (background)",
-        "server": "  same, store behind a `tiled serve` process",
+        "process": "scan + AnalysisStoreCallback (default: process)",
+        "thread": "  background='thread' instead",
+        "server": "  process, store behind a `tiled serve` process",
     }
     rows = [
         f"B. count([det], num={n}), scalar reducer scale_scalar; {repeats} runs of each "
@@ -536,7 +564,10 @@ def scenario_b(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
             f"{labels[variant]:<48}{n:>7}{fmt_s(wall):>9}{fmt_ms(wall / n):>10}"
             f"{wall / alone_t:>8.2f}{cpu:>8.2f}{cpu / med('alone', 'cpu'):>11.2f}"
         )
-    rows.append("  CPU s by thread, medians (this process; a tiled server process not counted):")
+    rows.append(
+        "  CPU s by thread of this process and of the worker process, medians (a tiled "
+        "server process not counted):"
+    )
     for variant in variants:
         rows.append(
             f"    {variant:<10}"
@@ -546,7 +577,7 @@ def scenario_b(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
         "  wall s of every run: "
         + " | ".join(f"{v} " + " ".join(f"{r['wall']:.2f}" for r in runs[v]) for v in variants)
     )
-    ratio = med("embedded", "wall") / alone_t
+    ratio = med("process", "wall") / alone_t
     report.check("B", "scan with callback / alone", f"{ratio:.2f}", f"<= {TARGET_B}",
                  ratio <= TARGET_B)
     report.tables["B"] = rows
@@ -565,15 +596,18 @@ def scenario_c(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
     checkpoints = [n * k // 4 for k in (1, 2, 3, 4)]
     source = FrameSource()
     store = AnalysisStore.open(work / "c-store")
-    cb = AnalysisStoreCallback([reducers.bin_and_sum], store, background=True)
+    cb = AnalysisStoreCallback([reducers.bin_and_sum], store)  # default: a worker process
     RE(count([source.signal], num=3))  # warm-up without the callback, off the clock
+    cb.flush()  # the worker process has started and opened the store
     gc.collect()
 
-    sampler = RSSSampler()
-    hwm_reset = reset_peak_rss()
-    baseline = proc_status_kib("VmRSS")
+    pids: list[int | str] = ["self"] if cb.worker_pid is None else ["self", cb.worker_pid]
+    sampler = RSSSampler(pids)
+    hwm_reset = all([reset_peak_rss(pid) for pid in pids])
+    baseline = sum(proc_status_kib("VmRSS", pid) for pid in pids)
     sampler.start()
-    marks: list[tuple[int, int, int, int]] = []  # (events, rss, window peak, queued docs)
+    # (events, RSS of all, window peak, queued docs, RSS of each process)
+    marks: list[tuple[int, int, int, int, list[int]]] = []
     seen = 0
 
     def checkpoint(name: str, doc: dict[str, Any]) -> None:
@@ -581,7 +615,8 @@ def scenario_c(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
         seen += 1
         if seen in checkpoints:
             rss, window = sampler.mark()
-            marks.append((seen, rss, window, cb._queue.qsize()))
+            each = [proc_status_kib("VmRSS", pid) for pid in pids]
+            marks.append((seen, rss, window, cb.queued_documents, each))
 
     t0 = time.perf_counter()
     tokens = [RE.subscribe(checkpoint, "event"), RE.subscribe(cb)]
@@ -592,8 +627,9 @@ def scenario_c(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
             RE.unsubscribe(token)
     elapsed = time.perf_counter() - t0
     after_rss, after_window = sampler.mark()
+    after_each = [proc_status_kib("VmRSS", pid) for pid in pids]
     sampler.stop()
-    hwm = proc_status_kib("VmHWM")
+    hwm = sum(proc_status_kib("VmHWM", pid) for pid in pids)
     cb.close()
     (child_uid,) = store.children(raw_uid)
     child = store[child_uid]
@@ -605,20 +641,32 @@ def scenario_c(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
     def mib(kib: int) -> str:
         return f"{kib / 1024:9.0f}"
 
+    names = ["scan process", "worker process"][: len(pids)]
     rows = [
         f"C. {n} events of {FRAME_SHAPE[0]}x{FRAME_SHAPE[1]} uint16 with AnalysisStoreCallback"
-        " (background); reducer bin_and_sum writes a 256x256 float32 frame + total per event",
+        f" ({cb.mode}); reducer bin_and_sum writes a 256x256 float32 frame + total per event",
         f"   scan took {elapsed:.1f} s ({elapsed / n * 1e3:.1f} ms/event); RSS before the scan "
-        f"{baseline / 1024:.0f} MiB; callback queue: at most {cb._queue.maxsize} documents "
-        f"and {cb.queue_bytes / MIB:.0f} MiB of arrays",
-        f"{'after event':>12}{'RSS MiB':>9}{'peak in window MiB':>20}{'queued docs':>13}",
+        f"{baseline / 1024:.0f} MiB ({' + '.join(names)}); callback queue: at most "
+        f"{cb.queue_size} documents and {cb.queue_bytes / MIB:.0f} MiB of arrays",
+        f"{'after event':>12}{'RSS MiB':>9}"
+        + "".join(f"{name:>16}" for name in names)
+        + f"{'peak in window MiB':>20}{'queued docs':>13}",
     ]
-    for events, rss, window, queued in marks:
-        rows.append(f"{events:>12}{mib(rss)}{mib(window):>20}{queued:>13}")
-    rows.append(f"{'child saved':>12}{mib(after_rss)}{mib(after_window):>20}{0:>13}")
+    for events, rss, window, queued, each in marks:
+        rows.append(
+            f"{events:>12}{mib(rss)}"
+            + "".join(f"{mib(e):>16}" for e in each)
+            + f"{mib(window):>20}{queued:>13}"
+        )
+    rows.append(
+        f"{'child saved':>12}{mib(after_rss)}"
+        + "".join(f"{mib(e):>16}" for e in after_each)
+        + f"{mib(after_window):>20}{0:>13}"
+    )
     peak_label = "VmHWM during the scan" if hwm_reset else "VmHWM (process lifetime)"
     rows.append(
-        f"   {peak_label}: {hwm / 1024:.0f} MiB; sampled peak {sampler.peak / 1024:.0f} MiB"
+        f"   {peak_label} (processes added): {hwm / 1024:.0f} MiB; sampled peak "
+        f"{sampler.peak / 1024:.0f} MiB"
     )
     growth = (marks[-1][1] - marks[0][1]) / 1024
     window_growth = (max(m[2] for m in marks[1:]) - marks[0][2]) / 1024 if len(marks) > 1 else 0

@@ -129,6 +129,8 @@ class AnalysisStore:
             [os.path.abspath(r) for r in readable_roots] if readable_roots is not None else None
         )
         self.location = location
+        # How another process opens this store again (see __reduce__), set by open/from_uri.
+        self._reopen: tuple[Any, ...] | None = None
 
     # --- making one ---------------------------------------------------------------------
 
@@ -169,13 +171,15 @@ class AnalysisStore:
         )
         app = build_app(adapter, serialization_registry=_serialization_registry())
         client = from_context(Context.from_app(app))
-        return cls(
+        store = cls(
             client,
             asset_root=assets,
             readable_roots=readable_roots,
             location=str(folder),
             flush_interval=flush_interval,
         )
+        store._reopen = (_open_folder, (str(folder), flush_interval))
+        return store
 
     @classmethod
     def from_uri(
@@ -195,13 +199,28 @@ class AnalysisStore:
         from tiled.client import from_uri
 
         client = from_uri(uri, api_key=api_key)
-        return cls(
+        store = cls(
             client,
             asset_root=asset_root,
             readable_roots=readable_roots,
             location=uri,
             flush_interval=flush_interval,
         )
+        store._reopen = (
+            _connect,
+            (uri, api_key, store.asset_root, store.readable_roots, flush_interval),
+        )
+        return store
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled, a store is the way to open it again: the callback's worker process
+        writes through a store of its own on the same catalog."""
+        if self._reopen is None:
+            raise TypeError(
+                "this AnalysisStore wraps a tiled client given to it and cannot be opened in "
+                "another process; make it with AnalysisStore.open or AnalysisStore.from_uri"
+            )
+        return self._reopen
 
     # --- writing ------------------------------------------------------------------------
 
@@ -285,3 +304,23 @@ class AnalysisStore:
 
     def __repr__(self) -> str:
         return f"<AnalysisStore {self.location or self._client!r}>"
+
+
+def _open_folder(folder: str, flush_interval: float) -> AnalysisStore:
+    return AnalysisStore.open(folder, flush_interval=flush_interval)
+
+
+def _connect(
+    uri: str,
+    api_key: str | None,
+    asset_root: str | None,
+    readable_roots: list[str] | None,
+    flush_interval: float,
+) -> AnalysisStore:
+    return AnalysisStore.from_uri(
+        uri,
+        api_key,
+        asset_root=asset_root,
+        readable_roots=readable_roots,
+        flush_interval=flush_interval,
+    )

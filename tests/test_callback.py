@@ -387,13 +387,14 @@ def test_failed_or_aborted_scan_gives_a_child_with_the_same_exit_status(
     ids=["raises", "returns-a-list", "returns-object-array"],
 )
 def test_a_failing_event_is_recorded_and_the_scan_completes(
-    RE, hw, store, make_callback, reducer, stage, error
+    RE, hw, store, make_callback, caplog, reducer, stage, error
 ):
     raw = DocumentRecorder()
     RE.subscribe(make_callback([reducer]))
     RE.subscribe(raw)
 
-    result = RE(count([hw.det], num=5))  # no exception reaches the user
+    with caplog.at_level(logging.ERROR, logger="bluesky_analysis_store"):
+        result = RE(count([hw.det], num=5))  # no exception reaches the user
 
     (raw_uid,) = result
     assert raw.stop(raw_uid)["exit_status"] == "success"
@@ -417,6 +418,10 @@ def test_a_failing_event_is_recorded_and_the_scan_completes(
     assert failure["error"].startswith(error + ":")
     assert failure["traceback"].startswith("Traceback (most recent call last)")
     assert error in failure["traceback"]
+    # Logged in the worker process, with its traceback, and logged again here.
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert stage in logged.getMessage()
+    assert logged.exc_text is not None and error in logged.exc_text
 
 
 def test_on_error_raise_in_the_foreground_propagates_to_the_run_engine(
@@ -438,22 +443,29 @@ def test_on_error_raise_propagates_a_reducers_key_error(RE, hw, make_callback):
 
 
 def test_on_error_raise_is_refused_in_background_mode(store):
-    """On the worker thread an error cannot reach the RunEngine: refused, not a hang."""
+    """In a worker an error cannot reach the RunEngine: refused, not a hang."""
+    for background in (True, "process", "thread"):
+        with pytest.raises(AnalysisStoreError, match="background=False"):
+            AnalysisStoreCallback([scaled], store, background=background, on_error="raise")
     with pytest.raises(AnalysisStoreError, match="background=False"):
         AnalysisStoreCallback([scaled], store, on_error="raise")
-    with pytest.raises(AnalysisStoreError, match="background=False"):
-        AnalysisStoreCallback([scaled], store, background=True, on_error="raise")
 
 
-# --- 8. background and foreground give the same child -------------------------------------
+def test_an_unknown_background_mode_is_refused(store):
+    with pytest.raises(AnalysisStoreError, match="'process' or 'thread'"):
+        AnalysisStoreCallback([scaled], store, background="processes")
 
 
-def test_background_and_foreground_children_of_one_scan_are_identical(
+# --- 8. every mode gives the same child ------------------------------------------------------
+
+
+def test_process_thread_and_foreground_children_of_one_scan_are_identical(
     RE, hw, store, make_callback
 ):
     hw.img.sim_set_func(FrameSequence())
     reducers = [functools.partial(scaled, threshold=0.5), image_stats]
-    for mode, background in (("background", True), ("foreground", False)):
+    modes = {"process": True, "thread": "thread", "foreground": False}
+    for mode, background in modes.items():
         RE.subscribe(
             make_callback(
                 reducers, background=background, md={"mode": mode}, writers={"as_u16": "TIFF"}
@@ -463,22 +475,26 @@ def test_background_and_foreground_children_of_one_scan_are_identical(
     (raw_uid,) = RE(scan([hw.img, hw.det], hw.motor, -1, 1, 5))
 
     children = {store[uid].start["mode"]: store[uid] for uid in store.children(raw_uid)}
-    assert set(children) == {"background", "foreground"}
-    back, fore = children["background"], children["foreground"]
-    assert set(back) == set(fore) == {"primary"}
-    assert data_keys(back, "primary") == data_keys(fore, "primary")
-    keys = set(back["primary"])
-    assert keys == set(fore["primary"])
-    compared = {k for k in keys if k != "time" and not k.startswith("ts_")}
-    assert {"total", "shifted", "doubled", "as_u16", "img_total", "parent_seq_num"} <= compared
-    for key in sorted(compared):
-        b, f = column(back, "primary", key), column(fore, "primary", key)
-        assert b.shape == f.shape, key
-        assert b.dtype == f.dtype, key
-        np.testing.assert_array_equal(b, f, err_msg=key)
-    assert len(column(back, "primary", "doubled")) == 5
-    assert back.stop["reduction"]["events_reduced"] == fore.stop["reduction"]["events_reduced"] == 5
-    assert back.stop["num_events"] == fore.stop["num_events"] == {"primary": 5}
+    assert set(children) == set(modes)
+    fore = children["foreground"]
+    for mode in ("process", "thread"):
+        back = children[mode]
+        assert set(back) == set(fore) == {"primary"}
+        assert data_keys(back, "primary") == data_keys(fore, "primary")
+        keys = set(back["primary"])
+        assert keys == set(fore["primary"])
+        compared = {k for k in keys if k != "time" and not k.startswith("ts_")}
+        assert {"total", "shifted", "doubled", "as_u16", "img_total", "parent_seq_num"} <= compared
+        for key in sorted(compared):
+            b, f = column(back, "primary", key), column(fore, "primary", key)
+            assert b.shape == f.shape, (mode, key)
+            assert b.dtype == f.dtype, (mode, key)
+            np.testing.assert_array_equal(b, f, err_msg=f"{mode} {key}")
+        assert len(column(back, "primary", "doubled")) == 5
+        assert back.stop["reduction"]["events_reduced"] == 5
+        assert back.stop["num_events"] == {"primary": 5}
+        assert back.start["provenance"]["code"] == fore.start["provenance"]["code"]
+    assert fore.stop["reduction"]["events_reduced"] == 5
 
 
 # --- 9. a reader in another process sees derived events during the scan --------------------
@@ -519,7 +535,7 @@ READER_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "foreground"])
 def test_another_process_sees_derived_events_before_the_raw_run_ends(
     RE, hw, store, module_store_folder, make_callback, tmp_path, background
 ):
@@ -573,8 +589,8 @@ def test_another_process_sees_derived_events_before_the_raw_run_ends(
 
 @pytest.mark.parametrize(
     ("background", "on_error"),
-    [(True, "record"), (False, "record"), (False, "raise")],
-    ids=["background", "foreground", "foreground-raise"],
+    [(True, "record"), ("thread", "record"), (False, "record"), (False, "raise")],
+    ids=["process", "thread", "foreground", "foreground-raise"],
 )
 def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
     RE, hw, store, make_callback, caplog, background, on_error
@@ -602,7 +618,7 @@ def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
 # --- 11. flush and close ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "foreground"])
 def test_flush_saves_what_was_handed_over_and_close_ignores_later_documents(
     RE, hw, store, make_callback, caplog, background
 ):

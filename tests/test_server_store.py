@@ -179,3 +179,30 @@ def test_open_accepts_a_server_uri(server: Server, store: AnalysisStore,
     assert opened.location == server.uri
     assert opened[uid].start["via"] == "open"
     assert os.fspath(server.assets) not in (opened.readable_roots or [])
+
+
+def test_a_live_callback_saves_through_the_server_from_its_worker_process(
+    server: Server, store: AnalysisStore
+) -> None:
+    """The worker process connects to the server again, with the same API key."""
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from ophyd.sim import det
+
+    from bluesky_analysis_store import AnalysisStoreCallback
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _reducers_for_tests import scaled
+
+    RE = RunEngine({})  # noqa: N806
+    callback = AnalysisStoreCallback([scaled], store)
+    assert callback.mode == "process" and callback.worker_pid != os.getpid()
+    RE.subscribe(callback)
+    try:
+        (raw_uid,) = RE(count([det], num=4))
+    finally:
+        callback.close(timeout=60)
+    (child_uid,) = fresh_reader(server).children(raw_uid)
+    child = fresh_reader(server)[child_uid]
+    assert child.stop["reduction"]["events_reduced"] == 4
+    np.testing.assert_allclose(child["primary"]["total"].read(), [10.0 * det.get()] * 4)

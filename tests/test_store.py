@@ -281,3 +281,27 @@ def test_children_carry_their_code_versions(shared_store: AnalysisStore) -> None
     assert child.code == [{"name": name, "version": numpy.__version__}]
     assert child.code_versions == f"{name} {numpy.__version__}"
     assert child.time == shared_store[uid].start["time"]
+
+
+def test_a_pickled_store_opens_the_same_folder_again(tmp_path: Path) -> None:
+    """How the callback's worker process gets a store of its own on the same catalog."""
+    import pickle
+
+    store = AnalysisStore.open(tmp_path / "store", readable=[tmp_path / "raw"])
+    uid = store.save([{"primary": {"value": 1.5}}], {"purpose": "pickle"}, **PROVENANCE)
+
+    copy = pickle.loads(pickle.dumps(store))
+
+    assert copy is not store
+    assert copy.location == store.location
+    assert copy.asset_root == store.asset_root
+    assert copy.readable_roots == store.readable_roots
+    assert copy[uid]["primary"]["value"].read().tolist() == [1.5]
+
+
+def test_a_store_around_a_given_client_cannot_be_pickled(tmp_path: Path) -> None:
+    import pickle
+
+    wrapped = AnalysisStore(AnalysisStore.open(tmp_path / "store").client)
+    with pytest.raises(TypeError, match="AnalysisStore.open or AnalysisStore.from_uri"):
+        pickle.dumps(wrapped)

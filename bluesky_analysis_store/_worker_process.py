@@ -1,0 +1,450 @@
+"""A worker process: where the callback reduces and saves by default (``background=True``).
+
+Reducers, file writers and the store's tiled server are Python code holding the interpreter
+lock; on a thread of the RunEngine's process they take turns with the RunEngine and slow the
+scan. In a process of their own they run on another core. The RunEngine's thread only queues
+each document; a sender thread pickles batches of them (arrays out of band, protocol 5) into
+a pipe, and the worker process reduces them and writes the store it reopens from the
+callback's (see ``AnalysisStore.__reduce__``). Back come the child runs' completions, flush
+acknowledgements and the worker's log records, which are logged here as if made here.
+
+The worker is started with ``subprocess`` rather than ``multiprocessing``: a spawned
+multiprocessing child imports the user's ``__main__`` again, which runs a script that has no
+``if __name__ == "__main__"`` guard (a scan!) a second time. The reducers and the store are
+sent with cloudpickle, so that reducers defined in an IPython session or a profile's startup
+file (module ``__main__``) work too. The worker ignores Ctrl-C (its own session): pausing a
+scan must not kill it. When this process exits, the worker finishes what it was sent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import AnalysisStoreError
+from ._handover import DocumentQueue, RunWaiter, array_bytes, wait_while_alive
+from ._live_router import LiveRouter
+from ._reduction import ReductionPlan
+
+__all__ = ["ProcessWorker", "main"]
+
+logger = logging.getLogger(__name__)
+
+# How long the worker process waits for documents before flushing buffered rows to the store.
+IDLE_FLUSH_SECONDS = 0.1
+# When the sender has caught up, it lets documents gather this long and sends them together.
+GATHER_SECONDS = 0.02
+# A bigger pipe than the default 64 KiB: a megapixel frame then takes 2 writes, not 32.
+_PIPE_BYTES = 2**20
+# At interpreter exit, how long to wait for workers to save what they were sent.
+_EXIT_TIMEOUT_SECONDS = 60.0
+
+_open_workers: weakref.WeakSet[ProcessWorker] = weakref.WeakSet()
+
+
+# --- messages over a pipe -----------------------------------------------------------------
+
+
+class MessagePipe:
+    """One end of an OS pipe carrying messages made of several byte strings.
+
+    A message is a count, the parts' lengths, then the parts, so that the arrays of a
+    pickled batch travel as they are and arrive in writable buffers of their own.
+    """
+
+    def __init__(self, fd: int, mode: str) -> None:
+        self._file = io.FileIO(fd, mode)
+        self._lock = threading.Lock()  # several threads of the worker process log
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def send(self, parts: Sequence[Any]) -> None:
+        views = [memoryview(part).cast("B") for part in parts]
+        head = struct.pack(f"<I{len(views)}Q", len(views), *(v.nbytes for v in views))
+        with self._lock:
+            self._write(memoryview(head))
+            for view in views:
+                self._write(view)
+
+    def recv(self) -> list[bytearray]:
+        """The next message's parts; EOFError once the other end is closed."""
+        (count,) = struct.unpack("<I", self._read_exactly(4))
+        sizes = struct.unpack(f"<{count}Q", self._read_exactly(8 * count))
+        return [self._read_exactly(size) for size in sizes]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _write(self, view: memoryview) -> None:
+        while view.nbytes:
+            written = self._file.write(view)
+            view = view[written:]
+
+    def _read_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise EOFError("the other end of the pipe is closed")
+            got += n
+        return buffer
+
+
+def encode(obj: Any, dumps: Any = pickle.dumps) -> list[Any]:
+    buffers: list[pickle.PickleBuffer] = []
+    header = dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [header, *(buffer.raw() for buffer in buffers)]
+
+
+def decode(parts: Sequence[Any]) -> Any:
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def _widen(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
+    except (ImportError, OSError):  # not Linux, or above the system's limit: keep 64 KiB
+        pass
+
+
+# --- this side: the callback's --------------------------------------------------------------
+
+
+def setup_message(plan: ReductionPlan, store: Any) -> list[Any]:
+    """What a new worker process needs, pickled now: a reducer or a store that cannot be
+    sent is refused when the callback is made, not at the first scan."""
+    import cloudpickle
+
+    context = {
+        "sys_path": list(sys.path),
+        "log_level": logging.getLogger("bluesky_analysis_store").getEffectiveLevel(),
+        # The same warnings are shown or hidden there, but none ends the worker.
+        "warnings_filters": [
+            ("default" if f[0] == "error" else f[0], *f[1:]) for f in warnings.filters
+        ],
+    }
+    try:
+        payload = encode((plan, store), dumps=cloudpickle.dumps)
+    except Exception as error:
+        raise AnalysisStoreError(
+            f"the reducers or the store cannot be sent to a worker process ({error}); use "
+            "background='thread' to reduce in this process"
+        ) from error
+    return [pickle.dumps(context), *payload]
+
+
+class _Process:
+    """One worker process and the thread that reads what it says."""
+
+    def __init__(self, worker: ProcessWorker) -> None:
+        to_child, self_out = os.pipe()
+        self_in, from_child = os.pipe()
+        _widen(self_out)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(to_child), str(from_child)],
+            pass_fds=(to_child, from_child),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.close(to_child)
+        os.close(from_child)
+        self.outbox = MessagePipe(self_out, "wb")
+        self.inbox = MessagePipe(self_in, "rb")
+        self.setup_sent = False
+        self.ready = False  # it has loaded the reducers and opened the store
+        self.lost = False
+        self.ended = threading.Event()
+        self._reader = threading.Thread(
+            target=worker._listen, args=(self,), name="analysis-store-listener", daemon=True
+        )
+        self._reader.start()
+
+    def alive(self) -> bool:
+        return not self.lost and not self.ended.is_set()
+
+
+class ProcessWorker:
+    """Reduces in a worker process, started now and again for a run if it ended."""
+
+    def __init__(
+        self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int
+    ) -> None:
+        self._setup = setup_message(plan, store)
+        self._queue = DocumentQueue(queue_size, queue_bytes)
+        self._runs = RunWaiter()
+        self._flushes: dict[int, threading.Event] = {}
+        self._flush_ids = itertools.count()
+        self._closing = False
+        self._process = _Process(self)
+        self._sender = threading.Thread(
+            target=self._send_all, args=(self._process,), name="analysis-store-sender", daemon=True
+        )
+        self._sender.start()
+        _open_workers.add(self)
+
+    @property
+    def queue(self) -> DocumentQueue:
+        return self._queue
+
+    @property
+    def pid(self) -> int:
+        """The worker process's id."""
+        return self._process.popen.pid
+
+    def alive(self) -> bool:
+        return self._process.alive()
+
+    # --- the Worker protocol ----------------------------------------------------------------
+
+    def submit(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            if not self.alive() and self._process.ready and not self._closing:
+                self._restart()
+            self._runs.expect(doc["uid"])
+        size = array_bytes(doc) if name in ("event", "event_page") else 0
+        self._put(("doc", name, doc), size, urgent=name == "stop")
+
+    def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
+        return self._runs.wait(raw_uid, timeout, self.alive)
+
+    def flush(self, timeout: float | None) -> bool:
+        token = next(self._flush_ids)
+        done = self._flushes[token] = threading.Event()
+        try:
+            if not self._put(("flush", token), urgent=True):
+                return False
+            return wait_while_alive(done, timeout, self.alive)
+        finally:
+            self._flushes.pop(token, None)
+
+    def close(self, timeout: float | None) -> None:
+        if self._closing:
+            return
+        self.flush(timeout)
+        self._closing = True
+        _open_workers.discard(self)
+        if self._put(("close",), urgent=True):
+            self._sender.join(timeout)
+        try:
+            self._process.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("the analysis worker did not end within %s s; it is stopped", timeout)
+            self._process.popen.kill()
+            self._process.popen.wait()
+
+    # --- sending --------------------------------------------------------------------------
+
+    def _put(self, item: Any, size: int = 0, *, urgent: bool = False) -> bool:
+        if self._queue.put(item, size, urgent=urgent, consumer_alive=self._sender.is_alive):
+            return True
+        logger.error("the analysis sender is not running; a document was dropped")
+        return False
+
+    def _restart(self) -> None:
+        logger.warning("the analysis worker process had ended; starting a new one")
+        process = _Process(self)
+        self._process = process
+        # Documents queued before this point go to the old process (and are lost with it).
+        self._put(("process", process), urgent=True)
+
+    def _send_all(self, process: _Process) -> None:
+        while True:
+            items: list[Any] = []
+            sizes = 0
+            for item, size in self._queue.get_batch(None, GATHER_SECONDS):
+                sizes += size
+                if item[0] == "process":
+                    self._send(process, items)
+                    process, items = item[1], []
+                else:
+                    items.append(item)
+            self._send(process, items)
+            self._queue.done(sizes)
+            if any(item[0] == "close" for item in items):
+                return
+
+    def _send(self, process: _Process, items: list[Any]) -> None:
+        if not items or not process.alive():
+            return
+        try:
+            parts = encode(items)
+        except Exception:
+            parts = encode([item for item in items if _picklable(item)])
+        try:
+            if not process.setup_sent:
+                process.outbox.send(self._setup)
+                process.setup_sent = True
+            process.outbox.send(parts)
+        except OSError:
+            process.lost = True  # the listener says why, once the process has ended
+
+    # --- listening ------------------------------------------------------------------------
+
+    def _listen(self, process: _Process) -> None:
+        try:
+            while True:
+                try:
+                    message = decode(process.inbox.recv())
+                except EOFError:
+                    break
+                kind = message[0]
+                if kind == "log":
+                    record = logging.makeLogRecord(message[1])
+                    logging.getLogger(record.name).handle(record)
+                elif kind == "finished":
+                    self._runs.finished(message[1])
+                elif kind == "flushed":
+                    done = self._flushes.get(message[1])
+                    if done is not None:
+                        done.set()
+                elif kind == "ready":
+                    process.ready = True
+        finally:
+            process.inbox.close()
+            code = process.popen.wait()
+            process.ended.set()
+            if self._closing:
+                pass
+            elif process.ready:
+                logger.error(
+                    "the analysis worker process ended (exit status %s); derived data of the "
+                    "runs it was reducing is lost; a new worker starts with the next run",
+                    code,
+                )
+            else:
+                logger.error(
+                    "the analysis worker process could not start (exit status %s); no derived "
+                    "data is saved by this callback",
+                    code,
+                )
+
+
+def _picklable(item: Any) -> bool:
+    try:
+        pickle.dumps(item, protocol=5, buffer_callback=lambda buffer: None)
+    except Exception:
+        logger.exception("a %s document cannot be sent to the analysis worker", item[1])
+        return False
+    return True
+
+
+@atexit.register
+def _close_open_workers() -> None:
+    for worker in list(_open_workers):
+        worker.close(_EXIT_TIMEOUT_SECONDS)
+
+
+# --- that side: the worker process --------------------------------------------------------
+
+
+class _ForwardingHandler(logging.Handler):
+    """Sends the worker's log records to the callback's process, which logs them."""
+
+    def __init__(self, outbox: MessagePipe) -> None:
+        super().__init__()
+        self._outbox = outbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = dict(record.__dict__)
+            fields["msg"] = record.getMessage()
+            fields["args"] = None
+            if record.exc_info:
+                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            fields["exc_info"] = None
+            fields["processName"] = "analysis-worker"
+            self._outbox.send([pickle.dumps(("log", fields))])
+        except Exception:
+            self.handleError(record)
+
+
+def _only_forward(root: logging.Logger) -> None:
+    """Send every record through the root's forwarding handler: the same loggers in the
+    callback's process have the handlers (and the filters) that decide what is shown.
+    """
+    for logger_ in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger_, logging.Logger) and logger_ is not root and logger_.handlers:
+            logger_.handlers.clear()
+            logger_.propagate = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The worker process: ``python -m bluesky_analysis_store._worker_process IN OUT``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    args = list(sys.argv[1:] if argv is None else argv)
+    inbox, outbox = MessagePipe(int(args[0]), "rb"), MessagePipe(int(args[1]), "wb")
+
+    def tell(*message: Any) -> None:
+        outbox.send([pickle.dumps(message)])
+
+    root = logging.getLogger()
+    root.handlers[:] = [_ForwardingHandler(outbox)]
+    try:
+        setup = inbox.recv()
+    except EOFError:
+        return 0
+    context = pickle.loads(setup[0])
+    root.setLevel(context["log_level"])
+    warnings.filters[:] = context["warnings_filters"]
+    sys.path[:0] = [path for path in context["sys_path"] if path not in sys.path]
+    try:
+        # tiled's server adds a handler of its own when imported and logs through it when
+        # the store is opened: take that handler away first.
+        import tiled.server.app  # noqa: F401
+
+        _only_forward(root)
+        plan, store = decode(setup[1:])
+        router = LiveRouter(plan, store, on_run_finished=lambda raw_uid: tell("finished", raw_uid))
+    except Exception:
+        logger.exception("the analysis worker could not load its reducers or open its store")
+        return 1
+    _only_forward(root)
+    tell("ready")
+    try:
+        return _serve(inbox, router, tell)
+    finally:
+        router.flush_store()
+        router.close()
+
+
+def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> int:
+    while True:
+        readable, _, _ = select.select([inbox], [], [], IDLE_FLUSH_SECONDS)
+        if not readable:
+            router.flush_store()
+            continue
+        try:
+            items = decode(inbox.recv())
+        except EOFError:  # the callback's process has gone: what it sent is done
+            return 0
+        for item in items:
+            if item[0] == "doc":
+                router(item[1], item[2])
+            elif item[0] == "flush":
+                router.flush_store()
+                tell("flushed", item[1])
+            elif item[0] == "close":
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

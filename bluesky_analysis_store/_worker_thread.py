@@ -1,0 +1,93 @@
+"""A worker thread in the RunEngine's process: the callback's ``background="thread"``.
+
+Reducers and the store run beside the RunEngine and share the interpreter lock with it, so
+Python-heavy work slows the scan; in exchange nothing is copied and the reducers and the
+store are the very objects the callback was given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from ._handover import DocumentQueue, RunWaiter, array_bytes, wait_while_alive
+from ._live_router import LiveRouter
+from ._reduction import ReductionPlan
+
+__all__ = ["ThreadWorker"]
+
+logger = logging.getLogger(__name__)
+
+# How long the worker waits for a document before flushing buffered rows to the store.
+IDLE_FLUSH_SECONDS = 0.1
+# When the worker has caught up, it lets documents gather this long before taking them.
+GATHER_SECONDS = 0.02
+
+_STOP = object()
+
+
+class ThreadWorker:
+    def __init__(self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int):
+        self._runs = RunWaiter()
+        self._router = LiveRouter(plan, store, on_run_finished=self._runs.finished)
+        self._queue = DocumentQueue(queue_size, queue_bytes)
+        self._thread = threading.Thread(
+            target=self._work, name="analysis-store-worker", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def queue(self) -> DocumentQueue:
+        return self._queue
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self._runs.expect(doc["uid"])
+        size = array_bytes(doc) if name in ("event", "event_page") else 0
+        self._put((name, doc), size, urgent=name == "stop")
+
+    def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
+        return self._runs.wait(raw_uid, timeout, self.alive)
+
+    def flush(self, timeout: float | None) -> bool:
+        done = threading.Event()
+        if not self._put(done, urgent=True):
+            return False
+        if not wait_while_alive(done, timeout, self.alive):
+            return False
+        self._router.flush_store()
+        return True
+
+    def close(self, timeout: float | None) -> None:
+        self.flush(timeout)
+        self._put(_STOP, urgent=True)
+        self._thread.join(timeout)
+
+    def _put(self, item: Any, size: int = 0, *, urgent: bool = False) -> bool:
+        if not self._queue.put(item, size, urgent=urgent, consumer_alive=self.alive):
+            logger.error("the analysis worker is not running; a document was dropped")
+            return False
+        return True
+
+    def _work(self) -> None:
+        try:
+            while True:
+                batch = self._queue.get_batch(IDLE_FLUSH_SECONDS, GATHER_SECONDS)
+                if not batch:
+                    self._router.flush_store()
+                for item, size in batch:
+                    try:
+                        if item is _STOP:
+                            return
+                        if isinstance(item, threading.Event):
+                            item.set()
+                        else:
+                            self._router(*item)
+                    finally:
+                        self._queue.done(size)
+        finally:
+            self._router.close()
