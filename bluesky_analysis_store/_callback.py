@@ -182,7 +182,7 @@ class AnalysisStoreCallback:
 
 
 def _mode(background: Background) -> str:
-    # The worker process talks over OS pipes with select(): POSIX only.
+    # The worker process is handed its pipes' descriptors (pass_fds): POSIX only.
     if background is True:
         return "process" if os.name == "posix" else "thread"
     if background == "process":

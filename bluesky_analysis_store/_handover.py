@@ -84,9 +84,15 @@ class DocumentQueue:
                 self._changed.notify_all()
         return True
 
-    def get_batch(self, timeout: float | None, gather: float) -> list[tuple[Any, int]]:
-        """Everything queued, after waiting up to ``timeout`` for a first item (an empty
-        list if none came) and then ``gather`` seconds for more, unless one is urgent."""
+    def get_batch(
+        self, timeout: float | None, gather: float, max_bytes: int | None = None
+    ) -> list[tuple[Any, int]]:
+        """The items queued, after waiting up to ``timeout`` for a first item (an empty list
+        if none came) and then ``gather`` seconds for more, unless one is urgent.
+
+        With ``max_bytes`` the batch stops before the item that would take it over (it
+        always holds one); the rest stays queued.
+        """
         with self._changed:
             if not self._items:
                 self._consumer_idle = True
@@ -98,9 +104,17 @@ class DocumentQueue:
                     return []
             if gather > 0 and not self._urgent:
                 self._changed.wait(gather)  # put() wakes it only for an urgent item
-            batch = list(self._items)
-            self._items.clear()
-            self._urgent = False
+            if max_bytes is None:
+                batch = list(self._items)
+                self._items.clear()
+            else:
+                batch = [self._items.popleft()]
+                total = batch[0][1]
+                while self._items and total + self._items[0][1] <= max_bytes:
+                    total += self._items[0][1]
+                    batch.append(self._items.popleft())
+            if not self._items:
+                self._urgent = False
             self._changed.notify_all()  # producers waiting for room
             return batch
 

@@ -71,28 +71,32 @@ class FlushingTiledWriter:
 
 
 class _EventLayoutNormalizer(RunNormalizer):
-    """The plugin's normalizer, checking an event's schema once per layout, not per event.
+    """The plugin's normalizer, checking the schema of an event or a stream datum once per
+    layout, not for every one.
 
     ``RunNormalizer.emit`` checks every document against its jsonschema: about 0.25 ms an
-    event, as long as the RunEngine takes for a whole scalar event. An event's validity
-    depends only on its keys and on the types of its values and of ``filled``'s values
-    (``data`` and ``timestamps`` may hold anything), so an event whose layout already passed
-    is valid too. Other documents are checked every time, as the plugin does.
+    event, as long as the RunEngine takes for a whole scalar event, and as much for the
+    stream datum of every frame written to a file. Their validity depends only on their keys
+    and on the types of their values (an event's ``data`` and ``timestamps`` may hold
+    anything), so a document whose layout already passed is valid too. Other documents are
+    checked every time, as the plugin does.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._valid_event_layouts: set[tuple[Any, ...]] = set()
+        self._valid_layouts: set[tuple[Any, ...]] = set()
 
     def emit(self, name: Any, doc: dict[str, Any]) -> None:
-        if DocumentNames(name) is not DocumentNames.event:
+        kind = DocumentNames(name)
+        layout_of = _LAYOUTS.get(kind)
+        if layout_of is None:
             super().emit(name, doc)
             return
-        layout = _event_layout(doc)
-        if layout is None or layout not in self._valid_event_layouts:
-            schema_validators[DocumentNames.event].validate(doc)
+        layout = layout_of(doc)
+        if layout is None or layout not in self._valid_layouts:
+            schema_validators[kind].validate(doc)
             if layout is not None:
-                self._valid_event_layouts.add(layout)
+                self._valid_layouts.add(layout)
         self.dispatcher.process(name, doc)
 
 
@@ -104,7 +108,29 @@ def _event_layout(doc: dict[str, Any]) -> tuple[Any, ...] | None:
     filled_types = (
         frozenset(type(v) for v in filled.values()) if isinstance(filled, dict) else None
     )
-    return (tuple((key, type(value)) for key, value in doc.items()), filled_types)
+    return ("event", _key_types(doc), filled_types)
+
+
+def _stream_datum_layout(doc: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What the stream datum schema looks at; None unless both ranges are of ints (for a
+    float, whether it is integral matters)."""
+    ranges = []
+    for name in ("indices", "seq_nums"):
+        value = doc.get(name)
+        if not isinstance(value, dict) or any(type(v) is not int for v in value.values()):
+            return None
+        ranges.append(tuple(value))
+    return ("stream_datum", _key_types(doc), *ranges)
+
+
+def _key_types(doc: dict[str, Any]) -> tuple[tuple[str, type], ...]:
+    return tuple((key, type(value)) for key, value in doc.items())
+
+
+_LAYOUTS = {
+    DocumentNames.event: _event_layout,
+    DocumentNames.stream_datum: _stream_datum_layout,
+}
 
 
 class _NpySeqIndexNormalizer(_EventLayoutNormalizer):

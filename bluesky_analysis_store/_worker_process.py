@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 import pickle
-import select
+import queue
 import signal
 import struct
 import subprocess
@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 IDLE_FLUSH_SECONDS = 0.1
 # When the sender has caught up, it lets documents gather this long and sends them together.
 GATHER_SECONDS = 0.02
+# Bytes of arrays sent in one message at most: the worker reads the next message while it
+# reduces one, so this bounds what it holds beyond the callback's queue.
+_BATCH_BYTES = 32 * 2**20
 # A bigger pipe than the default 64 KiB: a megapixel frame then takes 2 writes, not 32.
 _PIPE_BYTES = 2**20
 # At interpreter exit, how long to wait for workers to save what they were sent.
@@ -270,7 +273,7 @@ class ProcessWorker:
         while True:
             items: list[Any] = []
             sizes = 0
-            for item, size in self._queue.get_batch(None, GATHER_SECONDS):
+            for item, size in self._queue.get_batch(None, GATHER_SECONDS, _BATCH_BYTES):
                 sizes += size
                 if item[0] == "process":
                     self._send(process, items)
@@ -427,14 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> int:
+    # A thread reads the next message from the pipe (without the interpreter lock) while
+    # this one reduces the last; one message waits at most, so the pipe still pushes back.
+    received: queue.Queue[Any] = queue.Queue(maxsize=1)
+    threading.Thread(target=_read_all, args=(inbox, received), daemon=True).start()
     while True:
-        readable, _, _ = select.select([inbox], [], [], IDLE_FLUSH_SECONDS)
-        if not readable:
+        try:
+            items = received.get(timeout=IDLE_FLUSH_SECONDS)
+        except queue.Empty:
             router.flush_store()
             continue
-        try:
-            items = decode(inbox.recv())
-        except EOFError:  # the callback's process has gone: what it sent is done
+        if items is None:  # the callback's process has gone: what it sent is done
             return 0
         for item in items:
             if item[0] == "doc":
@@ -444,6 +450,17 @@ def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> int:
                 tell("flushed", item[1])
             elif item[0] == "close":
                 return 0
+
+
+def _read_all(inbox: MessagePipe, received: queue.Queue[Any]) -> None:
+    try:
+        while True:
+            received.put(decode(inbox.recv()))
+    except EOFError:
+        pass
+    except Exception:
+        logger.exception("the analysis worker could not read what it was sent")
+    received.put(None)
 
 
 if __name__ == "__main__":

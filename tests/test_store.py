@@ -268,6 +268,34 @@ def test_saved_documents_are_valid(shared_store: AnalysisStore) -> None:
     assert resource["uri"].startswith(f"file://localhost{shared_store.asset_root}/")
 
 
+@pytest.mark.parametrize(
+    ("name", "break_it"),
+    [
+        ("event", lambda doc: {**doc, "seq_num": 2.5}),
+        ("event", lambda doc: {**doc, "time": "noon"}),
+        ("stream_datum", lambda doc: {**doc, "indices": {"start": "1", "stop": 2}}),
+        ("stream_datum", lambda doc: {**doc, "seq_nums": {"start": 1.5, "stop": 2}}),
+    ],
+    ids=["event-float-seq-num", "event-str-time", "datum-str-index", "datum-float-seq-num"],
+)
+def test_a_document_breaking_the_schema_is_refused_after_valid_ones(
+    shared_store: AnalysisStore, name: str, break_it
+) -> None:
+    """The store checks the schema once per layout of an event or stream datum: a document
+    of another layout is still checked."""
+    import jsonschema
+
+    documents = list(
+        compose_documents([{"primary": {"img": np.full((2, 2), n, dtype="u2")}} for n in range(2)],
+                          {}, {"img": "HDF5"}, root=shared_store.asset_root, **PROVENANCE)
+    )
+    last = max(i for i, (doc_name, _) in enumerate(documents) if doc_name == name)
+    for doc_name, doc in documents[:last]:
+        shared_store(doc_name, doc)
+    with pytest.raises(jsonschema.ValidationError):
+        shared_store(name, break_it(documents[last][1]))
+
+
 def test_children_carry_their_code_versions(shared_store: AnalysisStore) -> None:
     import numpy
 
