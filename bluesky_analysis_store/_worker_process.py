@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -139,7 +140,11 @@ def setup_message(plan: ReductionPlan, store: Any) -> list[Any]:
 
     context = {
         "sys_path": list(sys.path),
-        "log_level": logging.getLogger("bluesky_analysis_store").getEffectiveLevel(),
+        # Records below both are dropped here anyway: they need not be sent.
+        "log_level": min(
+            logging.getLogger("bluesky_analysis_store").getEffectiveLevel(),
+            logging.getLogger().getEffectiveLevel(),
+        ),
         # The same warnings are shown or hidden there, but none ends the worker.
         "warnings_filters": [
             ("default" if f[0] == "error" else f[0], *f[1:]) for f in warnings.filters
@@ -214,13 +219,13 @@ class ProcessWorker:
         return self._process.popen.pid
 
     def alive(self) -> bool:
-        return self._process.alive()
+        return self._process.alive() and self._sender.is_alive()
 
     # --- the Worker protocol ----------------------------------------------------------------
 
     def submit(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
-            if not self.alive() and self._process.ready and not self._closing:
+            if not self._process.alive() and self._process.ready and not self._closing:
                 self._restart()
             self._runs.expect(doc["uid"])
         size = array_bytes(doc) if name in ("event", "event_page") else 0
@@ -242,13 +247,18 @@ class ProcessWorker:
     def close(self, timeout: float | None) -> None:
         if self._closing:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         self.flush(timeout)
         self._closing = True
         _open_workers.discard(self)
         if self._put(("close",), urgent=True):
-            self._sender.join(timeout)
+            self._sender.join(remaining())
         try:
-            self._process.popen.wait(timeout)
+            self._process.popen.wait(remaining())
         except subprocess.TimeoutExpired:
             logger.warning("the analysis worker did not end within %s s; it is stopped", timeout)
             self._process.popen.kill()
@@ -312,7 +322,9 @@ class ProcessWorker:
                 kind = message[0]
                 if kind == "log":
                     record = logging.makeLogRecord(message[1])
-                    logging.getLogger(record.name).handle(record)
+                    target = logging.getLogger(record.name)
+                    if target.isEnabledFor(record.levelno):  # as if it were logged here
+                        target.handle(record)
                 elif kind == "finished":
                     self._runs.finished(message[1])
                 elif kind == "flushed":
@@ -359,6 +371,9 @@ def _close_open_workers() -> None:
 # --- that side: the worker process --------------------------------------------------------
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 class _ForwardingHandler(logging.Handler):
     """Sends the worker's log records to the callback's process, which logs them."""
 
@@ -368,12 +383,11 @@ class _ForwardingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = dict(record.__dict__)
+            # Plain values only: a record's extras and arguments may not pickle.
+            fields = {k: v for k, v in record.__dict__.items() if isinstance(v, _PLAIN)}
             fields["msg"] = record.getMessage()
-            fields["args"] = None
-            if record.exc_info:
+            if record.exc_info and not record.exc_text:
                 fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
-            fields["exc_info"] = None
             fields["processName"] = "analysis-worker"
             self._outbox.send([pickle.dumps(("log", fields))])
         except Exception:

@@ -205,4 +205,6 @@ def test_a_live_callback_saves_through_the_server_from_its_worker_process(
     (child_uid,) = fresh_reader(server).children(raw_uid)
     child = fresh_reader(server)[child_uid]
     assert child.stop["reduction"]["events_reduced"] == 4
-    np.testing.assert_allclose(child["primary"]["total"].read(), [10.0 * det.get()] * 4)
+    np.testing.assert_allclose(
+        child["primary"]["total"].read(), [10.0 * det.read()["det"]["value"]] * 4
+    )
