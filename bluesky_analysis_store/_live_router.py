@@ -8,6 +8,7 @@ thread (foreground), on a worker thread, or in the worker process.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,10 @@ class LiveRouter:
     """Reduce every raw run it is given into a child run saved in ``store``.
 
     ``on_run_finished(raw_uid)`` is called once a raw run's stop has been dealt with,
-    whether or not its child run could be completed.
+    whether or not its child run could be completed. A store that can leave closing a
+    run's streams for later (``store(name, doc, close_streams=False)`` and
+    ``store.close_streams()``, as :class:`AnalysisStore` can) closes them after that call:
+    a scan waiting for its child run does not wait for those requests.
     """
 
     def __init__(
@@ -38,6 +42,10 @@ class LiveRouter:
         self.plan = plan
         self.store = store
         self._on_run_finished = on_run_finished
+        self._close_streams = getattr(store, "close_streams", None)
+        self._sink = (
+            functools.partial(store, close_streams=False) if self._close_streams else store
+        )
         self._router = RunRouter([self._factory], filler_class=RouterFiller)
         self._runs: dict[str, RunReduction] = {}
         self._unknown_runs_logged: set[str] = set()
@@ -62,18 +70,22 @@ class LiveRouter:
             self._on_run_finished(doc["run_start"])
             if run is not None and not run.done:
                 logger.error("child run of %s was not completed", doc["run_start"])
+            if self._close_streams is not None:
+                self._guard(self._close_streams, "closing the child run's streams")
 
     def flush_store(self) -> None:
         """Write rows the store buffers, so that readers see them now."""
         flush = getattr(self.store, "flush", None)
-        if flush is None:
-            return
+        if flush is not None:
+            self._guard(flush, "writing buffered derived data to the store")
+
+    def _guard(self, action: Callable[[], None], what: str) -> None:
         try:
-            flush()
+            action()
         except Exception:
             if self.plan.on_error == "raise":
                 raise
-            logger.exception("writing buffered derived data to the store failed")
+            logger.exception("%s failed", what)
 
     def close(self) -> None:
         """Release the files of runs that will not be completed."""
@@ -82,6 +94,6 @@ class LiveRouter:
         self._runs.clear()
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        run = RunReduction(self.plan, self.store)
+        run = RunReduction(self.plan, self._sink)
         self._runs[start["uid"]] = run
         return [run], []

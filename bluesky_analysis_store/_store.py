@@ -229,10 +229,19 @@ class AnalysisStore:
         """The tiled client of the catalog."""
         return self._client
 
-    def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        """Save one document; asset files outside the store's readable folders are refused."""
+    def __call__(self, name: str, doc: dict[str, Any], *, close_streams: bool = True) -> None:
+        """Save one document; asset files outside the store's readable folders are refused.
+
+        ``close_streams=False`` saves a stop document but leaves telling tiled's stream
+        subscribers that the run's streams ended to :meth:`close_streams` or the next
+        :meth:`flush`, so that a caller waiting for the run to be saved waits less.
+        """
         self.check_asset_location(name, doc)
-        self._writer(name, doc)
+        self._writer(name, doc, close_streams=close_streams)
+
+    def close_streams(self) -> None:
+        """End the streams of runs saved with ``close_streams=False``."""
+        self._writer.close_streams()
 
     def check_asset_location(self, name: str, doc: Mapping[str, Any]) -> None:
         if self.readable_roots is None:
@@ -246,7 +255,8 @@ class AnalysisStore:
                 )
 
     def flush(self) -> None:
-        """Write rows buffered for open runs, so readers see them now."""
+        """Write rows buffered for open runs, so readers see them now (and end the streams
+        of runs saved with ``close_streams=False``)."""
         self._writer.flush()
 
     def save(

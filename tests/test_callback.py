@@ -682,3 +682,25 @@ def test_a_lambda_reducer_is_refused_unless_strict_is_off(RE, hw, store, make_ca
     np.testing.assert_allclose(
         column(child, "primary", "total"), [2 * e["data"]["det"] for e in raw.events(raw_uid)]
     )
+
+
+def test_the_child_runs_streams_are_closed_after_the_scan_returns(RE, hw, store, make_callback):
+    """The scan waits for the child's data and stop, not for the requests that end its
+    streams; those follow at once (here, in thread mode, through the module's store)."""
+    closed: list[str] = []
+
+    def record(request) -> None:
+        if request.method == "DELETE" and "/stream/close/" in request.url.path:
+            closed.append(request.url.path.rsplit("/", 1)[1])
+
+    hooks = store.client.context.http_client.event_hooks["request"]
+    hooks.append(record)
+    try:
+        callback = make_callback([scaled], background="thread")
+        RE.subscribe(callback)
+        (raw_uid,) = RE(count([hw.det], num=2))
+        assert callback.flush(timeout=60)
+    finally:
+        hooks.remove(record)
+    (child_uid,) = store.children(raw_uid)
+    assert child_uid in closed

@@ -333,3 +333,41 @@ def test_a_store_around_a_given_client_cannot_be_pickled(tmp_path: Path) -> None
     wrapped = AnalysisStore(AnalysisStore.open(tmp_path / "store").client)
     with pytest.raises(TypeError, match="AnalysisStore.open or AnalysisStore.from_uri"):
         pickle.dumps(wrapped)
+
+
+def test_closing_a_stopped_runs_streams_can_wait_for_close_streams(tmp_path: Path) -> None:
+    """What the live callback uses: the run and its stop are saved at once, and the requests
+    that end its streams go out when asked for."""
+    store = AnalysisStore.open(tmp_path / "store")
+    closed: list[str] = []
+
+    def record(request) -> None:
+        if request.method == "DELETE" and "/stream/close/" in request.url.path:
+            closed.append(request.url.path)
+
+    store.client.context.http_client.event_hooks["request"].append(record)
+    documents = list(
+        compose_documents([{"primary": {"value": float(n)}} for n in range(3)], {},
+                          **PROVENANCE)
+    )
+    uid = documents[0][1]["uid"]
+    for name, doc in documents:
+        store(name, doc, close_streams=False)
+
+    assert closed == []
+    reader = AnalysisStore.open(tmp_path / "store")
+    assert reader[uid].metadata["stop"]["num_events"] == {"primary": 3}
+    assert reader[uid]["primary"]["value"].read().tolist() == [0.0, 1.0, 2.0]
+
+    store.close_streams()
+    assert closed and all(uid in path for path in closed)
+    assert any(path.rsplit("/", 1)[1] == uid for path in closed), closed  # the run itself
+    count = len(closed)
+    store.close_streams()
+    store.flush()
+    assert len(closed) == count, "streams are closed once"
+
+    other = list(compose_documents([{"primary": {"value": 1.0}}], {}, **PROVENANCE))
+    for name, doc in other:
+        store(name, doc)  # the default: closed with the stop
+    assert any(other[0][1]["uid"] in path for path in closed[count:])
