@@ -111,8 +111,14 @@ class EventFiller(DocumentRouter):
         self,
         handlers: Mapping[str, type] | None = None,
         root_map: Mapping[str, str] | None = None,
+        *,
+        copy_values: bool = True,
     ) -> None:
         super().__init__()
+        # Whether inline values are copied before a reducer sees them: the RunEngine hands
+        # the same event to every subscriber, and a reducer may change an array in place.
+        # A worker process's events are its own copies already.
+        self._copy_values = copy_values
         self._filler = Filler(
             dict(handlers if handlers is not None else handler_registry()),
             root_map=dict(root_map or {}),
@@ -165,7 +171,9 @@ class EventFiller(DocumentRouter):
             # about as long as the rest of the reduction of a scalar event. Copy only what a
             # reducer could change in place.
             data = {
-                key: value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value)
+                key: value
+                if not self._copy_values or isinstance(value, _IMMUTABLE)
+                else copy.deepcopy(value)
                 for key, value in event["data"].items()
             }
         frames = self._stream_frames.pop((event["descriptor"], event["seq_num"]), {})

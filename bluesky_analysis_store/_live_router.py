@@ -31,6 +31,8 @@ class LiveRouter:
     run's streams for later (``store(name, doc, close_streams=False)`` and
     ``store.close_streams()``, as :class:`AnalysisStore` can) closes them after that call:
     a scan waiting for its child run does not wait for those requests.
+    ``private_documents=True`` says no one else sees the documents (they were unpickled
+    here), so reducers get their arrays without a copy.
     """
 
     def __init__(
@@ -38,9 +40,12 @@ class LiveRouter:
         plan: ReductionPlan,
         store: Any,
         on_run_finished: Callable[[str], None] = lambda raw_uid: None,
+        *,
+        private_documents: bool = False,
     ) -> None:
         self.plan = plan
         self.store = store
+        self._private_documents = private_documents
         self._on_run_finished = on_run_finished
         self._close_streams = getattr(store, "close_streams", None)
         self._sink = (
@@ -94,6 +99,6 @@ class LiveRouter:
         self._runs.clear()
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        run = RunReduction(self.plan, self._sink)
+        run = RunReduction(self.plan, self._sink, copy_inputs=not self._private_documents)
         self._runs[start["uid"]] = run
         return [run], []

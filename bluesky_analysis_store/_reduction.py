@@ -129,12 +129,14 @@ class ReductionPlan:
 class RunReduction(DocumentRouter):
     """Reduce one raw run into one child run, sent document by document to ``sink``."""
 
-    def __init__(self, plan: ReductionPlan, sink: Sink) -> None:
+    def __init__(self, plan: ReductionPlan, sink: Sink, *, copy_inputs: bool = True) -> None:
+        """``copy_inputs=False`` hands reducers the raw events' own arrays, for documents
+        nobody else sees (a worker process's copies)."""
         super().__init__()
         self._plan = plan
         self._sink = sink
         self._reducers = [fresh_copy(r) for r in plan.reducers]
-        self._filler = EventFiller(plan.handlers, plan.root_map)
+        self._filler = EventFiller(plan.handlers, plan.root_map, copy_values=copy_inputs)
         self._composer: RunComposer | None = None
         self._stream_names: dict[str, str] = {}
         self.events_reduced = 0

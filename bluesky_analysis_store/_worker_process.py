@@ -430,7 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _only_forward(root)
         plan, store = decode(setup[1:])
-        router = LiveRouter(plan, store, on_run_finished=lambda raw_uid: tell("finished", raw_uid))
+        router = LiveRouter(
+            plan,
+            store,
+            on_run_finished=lambda raw_uid: tell("finished", raw_uid),
+            private_documents=True,
+        )
     except Exception:
         logger.exception("the analysis worker could not load its reducers or open its store")
         return 1

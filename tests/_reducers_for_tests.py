@@ -153,3 +153,10 @@ class PlainParams(Reducer):
     def event(self, stream: str, data: Mapping[str, Any], doc: Mapping[str, Any]) -> Any:
         self._cache.append(doc["seq_num"])
         return {"total": self.factor * float(data["det"])}
+
+
+def lowered_in_place(data: Mapping[str, Any]) -> dict:
+    """Changes its input array in place, as a reducer may."""
+    values = data["arr"]
+    values -= 1.0
+    return {"arr_min": float(values.min())}

@@ -35,6 +35,7 @@ from _reducers_for_tests import (  # noqa: E402
     RaiseOnSeqNum,
     frame,
     image_stats,
+    lowered_in_place,
     scaled,
 )
 from bluesky_analysis_store import (  # noqa: E402
@@ -704,3 +705,18 @@ def test_the_child_runs_streams_are_closed_after_the_scan_returns(RE, hw, store,
         hooks.remove(record)
     (child_uid,) = store.children(raw_uid)
     assert child_uid in closed
+
+
+@pytest.mark.parametrize(
+    "background", [True, "thread", False], ids=["process", "thread", "foreground"]
+)
+def test_a_reducer_changing_its_input_in_place_changes_no_one_elses_event(
+    RE, store, make_callback, recorder, background
+):
+    arr = ophyd.sim.SynSignal(name="arr", func=lambda: np.full(3, 5.0))
+    RE.subscribe(make_callback([lowered_in_place], background=background))
+
+    (raw_uid,) = RE(count([arr], num=2))
+
+    assert [e["data"]["arr"].tolist() for e in recorder.events(raw_uid)] == [[5.0] * 3] * 2
+    assert column(only_child(store, raw_uid), "primary", "arr_min").tolist() == [4.0, 4.0]
