@@ -9,9 +9,11 @@ A. 1024x1024 uint16 frames reduced to a float32 frame and a sum. The project
    a floor (the scan alone, then the reducer and ``tifffile.imwrite`` in a loop) and a
    peer (bluesky's ``LiveDispatcher`` feeding bluesky-tiled-plugins' ``TiledWriter``).
 B. A 2,000-point ``count`` of ``ophyd.sim.det`` with a scalar reducer: the scan with the
-   callback subscribed against the scan alone, alternately, medians. For information, the
-   same with the store behind a ``tiled serve`` process (``--no-server`` skips it).
-C. Resident memory while 2,000 frames are reduced: it must not grow with the event count.
+   callback subscribed (its default, a worker process) against the scan alone, alternately,
+   medians. For information, the same with ``background="thread"`` and with the store
+   behind a ``tiled serve`` process (``--no-server`` skips it).
+C. Resident memory (the RunEngine's process and the worker's, added) while 2,000 frames are
+   reduced: it must not grow with the event count.
 
 Every variant of a scenario reads the same simulated detector and calls the same reducer
 (``_bench_reducers.py``). Stores are created before the clock starts: creating a catalog is

@@ -41,6 +41,8 @@ cam = spot_camera(motor, RAW_DATA)
 RE = RunEngine({})
 store = AnalysisStore.open(STORE, readable=[RAW_DATA])
 RE.subscribe(store)  # raw runs (here the same catalog; at a facility, the raw databroker)
+# The reduction runs in a worker process started here (roi_sum is sent to it), so the scan
+# does not wait for it; its log records, reducer tracebacks among them, show up here.
 analysis = AnalysisStoreCallback([roi_sum], store, md={"beamline": "sim"})
 RE.subscribe(analysis)
 
