@@ -606,7 +606,8 @@ def scenario_c(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
 
     pids: list[int | str] = ["self"] if cb.worker_pid is None else ["self", cb.worker_pid]
     sampler = RSSSampler(pids)
-    hwm_reset = all([reset_peak_rss(pid) for pid in pids])
+    resets = [reset_peak_rss(pid) for pid in pids]  # every process's, not only the first
+    hwm_reset = all(resets)
     baseline = sum(proc_status_kib("VmRSS", pid) for pid in pids)
     sampler.start()
     # (events, RSS of all, window peak, queued docs, RSS of each process)
@@ -735,7 +736,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats-a", type=int, help="runs of floor and project in A (3)")
     parser.add_argument("--no-peer", action="store_true", help="skip the peer in A")
     parser.add_argument("--points-b", type=int, help="points of the count in B (2000)")
-    parser.add_argument("--repeats-b", type=int, help="runs of each variant in B (5)")
+    parser.add_argument("--repeats-b", type=int, help="runs of each variant in B (9)")
     parser.add_argument("--no-server", action="store_true",
                         help="skip B's variant with the store behind a tiled server process")
     parser.add_argument("--events-c", type=int, help="events in scenario C (2000)")
@@ -747,7 +748,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "events_a": 20 if quick else 200,
         "repeats_a": 1 if quick else 3,
         "points_b": 200 if quick else 2000,
-        "repeats_b": 2 if quick else 5,
+        "repeats_b": 2 if quick else 9,
         # The queue fills during the first ~200 frames; a shorter run would only show that.
         "events_c": 800 if quick else 2000,
     }

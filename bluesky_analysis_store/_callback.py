@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ._errors import AnalysisStoreError
 from ._handover import Worker
@@ -19,7 +19,7 @@ __all__ = ["AnalysisStoreCallback"]
 
 logger = logging.getLogger(__name__)
 
-Background = Union[bool, Literal["process", "thread"]]
+Background = bool | Literal["process", "thread"]
 
 # How often a foreground callback's store is flushed while the scan waits.
 _FOREGROUND_FLUSH_SECONDS = 0.5

@@ -61,7 +61,9 @@ def run_demo(
     print(f"inputs:    parents {[p['uid'] for p in provenance['parents']]}", file=out)
     packages = provenance["environment"]["packages"]
     print(
-        "environment: python " + provenance["environment"]["python"] + ", "
+        "environment: python "
+        + provenance["environment"]["python"]
+        + ", "
         + ", ".join(f"{k} {v}" for k, v in sorted(packages.items())),
         file=out,
     )

@@ -56,10 +56,7 @@ class ReproduceReport:
 
     def __str__(self) -> str:
         if self.identical:
-            return (
-                f"child run {self.child_uid} reproduced: {self.events_compared} events "
-                "identical"
-            )
+            return f"child run {self.child_uid} reproduced: {self.events_compared} events identical"
         lines = [f"child run {self.child_uid} NOT reproduced"]
         lines += [f"  input file changed: {c}" for c in self.file_changes]
         lines += [f"  code changed: {c}" for c in self.code_changes]
@@ -179,8 +176,8 @@ def reproduce(
             progress = sys.stderr.isatty()
         for parent in parents:
             _compare_with_rerun(client[parent["uid"]], child, plan, report, progress, tqdm)
-    report.identical = not report.file_changes and report.difference is None and (
-        not report.code_changes
+    report.identical = (
+        not report.file_changes and report.difference is None and (not report.code_changes)
     )
     logger.info("%s", report)
     return report
@@ -215,7 +212,9 @@ class _Comparison:
         saved_keys = set(saved_stream) - {"seq_num", "time"} - {f"ts_{k}" for k in event["data"]}
         if saved_keys != set(event["data"]):
             return self._differ(
-                stream, None, seq_num,
+                stream,
+                None,
+                seq_num,
                 f"keys differ: saved {sorted(saved_keys)}, re-run {sorted(event['data'])}",
             )
         rows = len(saved_stream["seq_num"])
@@ -276,7 +275,9 @@ def _compare_with_rerun(
         if len(failures) != saved_failed and report.difference is None:
             first = failures[0]
             report.difference = Difference(
-                first.get("stream", "?"), None, first.get("seq_num"),
+                first.get("stream", "?"),
+                None,
+                first.get("seq_num"),
                 f"the re-run failed: {first['error']}",
             )
     comparison.check_counts()

@@ -43,6 +43,10 @@ class FlushingTiledWriter:
         # Runs stopped with close_streams=False whose streams are still to be closed.
         self._defer_closing = False
         self._streams_to_close: list[_RunWriter] = []
+        # RunRouter packs each event into a page that the normalizer unpacks again (about a
+        # tenth of the work of saving a scalar event): events of known streams skip it.
+        self._normalizers: dict[str, _NpySeqIndexNormalizer] = {}
+        self._normalizer_of_descriptor: dict[str, _NpySeqIndexNormalizer] = {}
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         # max_array_size=0: every inline array becomes an array node of its own; the
@@ -53,6 +57,7 @@ class FlushingTiledWriter:
         normalizer = _NpySeqIndexNormalizer()
         normalizer.subscribe(run_writer)
         self._run_writers[start["uid"]] = run_writer
+        self._normalizers[start["uid"]] = normalizer
         return [normalizer], []
 
     def __call__(self, name: str, doc: dict[str, Any], *, close_streams: bool = True) -> None:
@@ -62,16 +67,33 @@ class FlushingTiledWriter:
         each in-process) that a scan waiting for its child run need not wait for."""
         with self._lock:
             self._defer_closing = not close_streams
+            normalizer = (
+                self._normalizer_of_descriptor.get(doc["descriptor"]) if name == "event" else None
+            )
             try:
-                self._router(name, doc)
+                if normalizer is not None:
+                    normalizer(name, doc)
+                else:
+                    self._router(name, doc)
+                    if name == "descriptor" and doc.get("run_start") in self._normalizers:
+                        self._normalizer_of_descriptor[doc["uid"]] = self._normalizers[
+                            doc["run_start"]
+                        ]
             finally:
                 self._defer_closing = False
                 # Even when writing the run failed at its stop: a run writer kept here would
                 # be flushed again, and fail again, on every later document of other runs.
                 if name == "stop":
-                    self._run_writers.pop(doc["run_start"], None)
+                    self._forget(doc["run_start"])
             if name != "stop" and time.monotonic() - self._last_flush >= self._flush_interval:
                 self.flush()
+
+    def _forget(self, run_uid: str) -> None:
+        self._run_writers.pop(run_uid, None)
+        normalizer = self._normalizers.pop(run_uid, None)
+        for descriptor, known in list(self._normalizer_of_descriptor.items()):
+            if known is normalizer:
+                del self._normalizer_of_descriptor[descriptor]
 
     def flush(self) -> None:
         """Write every buffered event row and stream datum of the open runs now, and close
@@ -124,6 +146,14 @@ class _EventLayoutNormalizer(RunNormalizer):
         super().__init__(*args, **kwargs)
         self._valid_layouts: set[tuple[Any, ...]] = set()
 
+    def event(self, doc: dict[str, Any]) -> Any:
+        # The plugin deep-copies each event before renaming and popping keys of ``data``,
+        # ``timestamps`` and ``filled`` (a third of the work of saving a scalar event).
+        # When every value is a number or a string, copying those dicts is the same copy.
+        if all(_holds_only_scalars(doc.get(part)) for part in ("data", "timestamps", "filled")):
+            doc = _CopiedByStructure(doc)
+        return super().event(doc)
+
     def emit(self, name: Any, doc: dict[str, Any]) -> None:
         kind = DocumentNames(name)
         layout_of = _LAYOUTS.get(kind)
@@ -138,14 +168,32 @@ class _EventLayoutNormalizer(RunNormalizer):
         self.dispatcher.process(name, doc)
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _holds_only_scalars(values: Any) -> bool:
+    return values is None or (
+        type(values) is dict and all(isinstance(v, _SCALARS) for v in values.values())
+    )
+
+
+class _CopiedByStructure(dict):
+    """An event whose deep copy is a copy of its dicts: all their values are immutable."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        copied = dict(self)
+        for part in ("data", "timestamps", "filled"):
+            if part in copied:
+                copied[part] = dict(copied[part])
+        return copied
+
+
 def _event_layout(doc: dict[str, Any]) -> tuple[Any, ...] | None:
     """What the event schema looks at; None when a value itself matters (a float seq_num)."""
     if type(doc.get("seq_num")) is not int:
         return None
     filled = doc.get("filled")
-    filled_types = (
-        frozenset(type(v) for v in filled.values()) if isinstance(filled, dict) else None
-    )
+    filled_types = frozenset(type(v) for v in filled.values()) if isinstance(filled, dict) else None
     return ("event", _key_types(doc), filled_types)
 
 

@@ -312,6 +312,22 @@ class ProcessWorker:
 
     # --- listening ------------------------------------------------------------------------
 
+    def _hear(self, process: _Process, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "log":
+            record = logging.makeLogRecord(message[1])
+            target = logging.getLogger(record.name)
+            if target.isEnabledFor(record.levelno):  # as if it were logged here
+                target.handle(record)
+        elif kind == "finished":
+            self._runs.finished(message[1])
+        elif kind == "flushed":
+            done = self._flushes.get(message[1])
+            if done is not None:
+                done.set()
+        elif kind == "ready":
+            process.ready = True
+
     def _listen(self, process: _Process) -> None:
         try:
             while True:
@@ -319,20 +335,10 @@ class ProcessWorker:
                     message = decode(process.inbox.recv())
                 except EOFError:
                     break
-                kind = message[0]
-                if kind == "log":
-                    record = logging.makeLogRecord(message[1])
-                    target = logging.getLogger(record.name)
-                    if target.isEnabledFor(record.levelno):  # as if it were logged here
-                        target.handle(record)
-                elif kind == "finished":
-                    self._runs.finished(message[1])
-                elif kind == "flushed":
-                    done = self._flushes.get(message[1])
-                    if done is not None:
-                        done.set()
-                elif kind == "ready":
-                    process.ready = True
+                try:
+                    self._hear(process, message)
+                except Exception:  # a handler of the user's failed; keep listening
+                    logger.exception("a message of the analysis worker could not be handled")
         finally:
             process.inbox.close()
             code = process.popen.wait()

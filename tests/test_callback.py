@@ -536,7 +536,9 @@ READER_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "foreground"])
+@pytest.mark.parametrize(
+    "background", [True, "thread", False], ids=["process", "thread", "foreground"]
+)
 def test_another_process_sees_derived_events_before_the_raw_run_ends(
     RE, hw, store, module_store_folder, make_callback, tmp_path, background
 ):
@@ -619,7 +621,9 @@ def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
 # --- 11. flush and close ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "foreground"])
+@pytest.mark.parametrize(
+    "background", [True, "thread", False], ids=["process", "thread", "foreground"]
+)
 def test_flush_saves_what_was_handed_over_and_close_ignores_later_documents(
     RE, hw, store, make_callback, caplog, background
 ):

@@ -371,3 +371,27 @@ def test_closing_a_stopped_runs_streams_can_wait_for_close_streams(tmp_path: Pat
     for name, doc in other:
         store(name, doc)  # the default: closed with the stop
     assert any(other[0][1]["uid"] in path for path in closed[count:])
+
+
+def test_an_inline_array_changed_after_saving_keeps_its_saved_values(tmp_path: Path) -> None:
+    """The store buffers rows until a flush: what it buffers must be a copy of the event's
+    arrays (events of numbers and strings alone are copied more cheaply)."""
+    store = AnalysisStore.open(tmp_path / "store", flush_interval=3600)
+    documents = list(
+        compose_documents(
+            [{"primary": {"arr": np.arange(3.0) + 10 * n, "x": float(n)}} for n in range(2)],
+            {}, **PROVENANCE,
+        )
+    )
+    events = [doc for name, doc in documents if name == "event"]
+    assert [type(e["data"]["arr"]) for e in events] == [np.ndarray] * 2, "inline arrays"
+    for name, doc in documents[:-1]:
+        store(name, doc)
+    for event in events:
+        event["data"]["arr"][:] = -1.0  # after the store was given them, before the flush
+        event["data"]["x"] = -1.0
+    store(*documents[-1])
+
+    run = AnalysisStore.open(tmp_path / "store")[documents[0][1]["uid"]]
+    np.testing.assert_array_equal(run["primary"]["arr"].read(), [[0.0, 1.0, 2.0], [10, 11, 12]])
+    assert run["primary"]["x"].read().tolist() == [0.0, 1.0]

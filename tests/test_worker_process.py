@@ -16,7 +16,6 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 import pytest
-from _live import DocumentRecorder
 from _reducers_for_tests import scaled
 from bluesky.plans import count
 from ophyd.sim import det
