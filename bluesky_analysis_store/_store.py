@@ -7,7 +7,6 @@ that shares one (PostgreSQL behind it). Tiled is imported on first use: it takes
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -76,21 +75,6 @@ def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]])
         config["readable"] = known
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     return known
-
-
-def _use_write_ahead_log(path: Path) -> None:
-    """Put an SQLite database in WAL mode (kept in the file), creating it if needed.
-
-    Several processes use a store at once: the live callback's worker process writes while
-    the session saves raw runs and readers follow the scan. In SQLite's default journal
-    mode a reader blocks a writer's commit (which then retries for seconds); with a
-    write-ahead log readers and the writer do not wait for each other.
-    """
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            connection.execute("PRAGMA journal_mode=WAL")
 
 
 class ChildRun(str):
@@ -185,8 +169,6 @@ class AnalysisStore:
             writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
             readable_storage=readable_roots,
         )
-        for database in ("catalog.db", "tables.db"):
-            _use_write_ahead_log(folder / database)
         app = build_app(adapter, serialization_registry=_serialization_registry())
         client = from_context(Context.from_app(app))
         store = cls(
