@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -102,6 +102,37 @@ class RouterFiller(Filler):
         ):
             return doc
         return super().event_page(doc)
+
+
+class EventShortcut:
+    """Sends the events of streams a RunRouter has routed before straight to their run.
+
+    A RunRouter packs each event into a page that the run's DocumentRouter unpacks again:
+    about a tenth of the work of a scalar event. ``runs`` is the owner's mapping of run
+    start uid to the callback its RunRouter made for the run; :meth:`learn` each document
+    the RunRouter routed, and :meth:`route` an event first.
+    """
+
+    def __init__(self, runs: Mapping[str, Callable[[str, Any], Any]]) -> None:
+        self._runs = runs
+        self._by_descriptor: dict[str, Callable[[str, Any], Any]] = {}
+
+    def route(self, name: str, doc: Mapping[str, Any]) -> bool:
+        """Hand an event of a known stream to its run; False for anything else."""
+        run = self._by_descriptor.get(doc["descriptor"]) if name == "event" else None
+        if run is None:
+            return False
+        run(name, doc)
+        return True
+
+    def learn(self, name: str, doc: Mapping[str, Any]) -> None:
+        if name == "descriptor" and doc.get("run_start") in self._runs:
+            self._by_descriptor[doc["uid"]] = self._runs[doc["run_start"]]
+
+    def forget(self, run: object) -> None:
+        """Drop the streams of a finished run."""
+        for descriptor in [d for d, known in self._by_descriptor.items() if known is run]:
+            del self._by_descriptor[descriptor]
 
 
 class EventFiller(DocumentRouter):

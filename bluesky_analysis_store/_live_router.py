@@ -15,7 +15,7 @@ from typing import Any
 
 from event_model import RunRouter, UnresolvableForeignKeyError
 
-from ._filling import RouterFiller
+from ._filling import EventShortcut, RouterFiller
 from ._reduction import ReductionPlan, RunReduction
 
 __all__ = ["LiveRouter"]
@@ -51,20 +51,14 @@ class LiveRouter:
         self._sink = functools.partial(store, close_streams=False) if self._close_streams else store
         self._router = RunRouter([self._factory], filler_class=RouterFiller)
         self._runs: dict[str, RunReduction] = {}
-        # RunRouter packs each event into a page that RunReduction unpacks again (about a
-        # tenth of the work of a scalar event): events of known streams skip it.
-        self._run_of_descriptor: dict[str, RunReduction] = {}
+        self._shortcut = EventShortcut(self._runs)
         self._unknown_runs_logged: set[str] = set()
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        run = self._run_of_descriptor.get(doc["descriptor"]) if name == "event" else None
         try:
-            if run is not None:
-                run(name, doc)
-            else:
+            if not self._shortcut.route(name, doc):
                 self._router(name, doc)
-                if name == "descriptor" and doc.get("run_start") in self._runs:
-                    self._run_of_descriptor[doc["uid"]] = self._runs[doc["run_start"]]
+                self._shortcut.learn(name, doc)
         except (KeyError, UnresolvableForeignKeyError) as error:
             if any(run.raised is error for run in self._runs.values()):
                 raise  # a reducer's own KeyError (on_error="raise"), not an unknown run
@@ -79,8 +73,7 @@ class LiveRouter:
             logger.exception("the analysis callback failed on a %s document", name)
         if name == "stop":
             run = self._runs.pop(doc["run_start"], None)
-            for descriptor in [d for d, r in self._run_of_descriptor.items() if r is run]:
-                del self._run_of_descriptor[descriptor]
+            self._shortcut.forget(run)
             self._on_run_finished(doc["run_start"])
             if run is not None and not run.done:
                 logger.error("child run of %s was not completed", doc["run_start"])

@@ -20,7 +20,7 @@ from typing import Any
 from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer, _RunWriter
 from event_model import DocumentNames, RunRouter, schema_validators
 
-from ._filling import RouterFiller
+from ._filling import EventShortcut, RouterFiller
 
 __all__ = ["FlushingTiledWriter"]
 
@@ -43,10 +43,8 @@ class FlushingTiledWriter:
         # Runs stopped with close_streams=False whose streams are still to be closed.
         self._defer_closing = False
         self._streams_to_close: list[_RunWriter] = []
-        # RunRouter packs each event into a page that the normalizer unpacks again (about a
-        # tenth of the work of saving a scalar event): events of known streams skip it.
         self._normalizers: dict[str, _NpySeqIndexNormalizer] = {}
-        self._normalizer_of_descriptor: dict[str, _NpySeqIndexNormalizer] = {}
+        self._shortcut = EventShortcut(self._normalizers)
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         # max_array_size=0: every inline array becomes an array node of its own; the
@@ -67,18 +65,10 @@ class FlushingTiledWriter:
         each in-process) that a scan waiting for its child run need not wait for."""
         with self._lock:
             self._defer_closing = not close_streams
-            normalizer = (
-                self._normalizer_of_descriptor.get(doc["descriptor"]) if name == "event" else None
-            )
             try:
-                if normalizer is not None:
-                    normalizer(name, doc)
-                else:
+                if not self._shortcut.route(name, doc):
                     self._router(name, doc)
-                    if name == "descriptor" and doc.get("run_start") in self._normalizers:
-                        self._normalizer_of_descriptor[doc["uid"]] = self._normalizers[
-                            doc["run_start"]
-                        ]
+                    self._shortcut.learn(name, doc)
             finally:
                 self._defer_closing = False
                 # Even when writing the run failed at its stop: a run writer kept here would
@@ -90,10 +80,7 @@ class FlushingTiledWriter:
 
     def _forget(self, run_uid: str) -> None:
         self._run_writers.pop(run_uid, None)
-        normalizer = self._normalizers.pop(run_uid, None)
-        for descriptor, known in list(self._normalizer_of_descriptor.items()):
-            if known is normalizer:
-                del self._normalizer_of_descriptor[descriptor]
+        self._shortcut.forget(self._normalizers.pop(run_uid, None))
 
     def flush(self) -> None:
         """Write every buffered event row and stream datum of the open runs now, and close

@@ -212,3 +212,23 @@ def test_the_package_formats_are_filled_back_to_the_values_written(
         assert data["frame"].dtype == np.dtype(dtype)
         assert data["frame"].shape == (3, 4)
         np.testing.assert_array_equal(data["frame"], frames[k])
+
+
+def test_event_shortcut_sends_events_of_known_streams_to_their_run():
+    from bluesky_analysis_store._filling import EventShortcut
+
+    received: list[tuple[str, str]] = []
+    runs = {"run-1": lambda name, doc: received.append((name, doc["uid"]))}
+    shortcut = EventShortcut(runs)
+    event = {"uid": "e1", "descriptor": "d1"}
+
+    assert shortcut.route("event", event) is False  # its stream is not known yet
+    shortcut.learn("descriptor", {"uid": "d1", "run_start": "run-1"})
+    shortcut.learn("descriptor", {"uid": "d2", "run_start": "another run"})
+    assert shortcut.route("event", event) is True
+    assert shortcut.route("event", {"uid": "e2", "descriptor": "d2"}) is False
+    assert shortcut.route("event_page", {"uid": ["e3"], "descriptor": "d1"}) is False
+    assert received == [("event", "e1")]
+
+    shortcut.forget(runs["run-1"])
+    assert shortcut.route("event", event) is False
