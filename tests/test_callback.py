@@ -726,3 +726,36 @@ def test_a_reducer_changing_its_input_in_place_changes_no_one_elses_event(
 
     assert [e["data"]["arr"].tolist() for e in events] == [[5.0] * 3] * 2
     assert column(only_child(store, raw_uid), "primary", "arr_min").tolist() == [4.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "background", [True, "thread", False], ids=["process", "thread", "foreground"]
+)
+def test_interleaved_runs_each_get_their_own_child(RE, hw, store, make_callback, background):
+    """Two raw runs open at once (their documents interleaved, as a nested run's would be):
+    each event reaches its own run's child."""
+    raw = DocumentRecorder()
+    RE.subscribe(raw)
+    (first,) = RE(count([hw.det], num=3))
+    hw.motor.set(1.0)
+    (second,) = RE(count([hw.det], num=2))
+    callback = make_callback([scaled], background=background)
+
+    runs = [raw.run(first), raw.run(second)]
+    stops = [docs.pop() for docs in runs]
+    for position in range(max(len(docs) for docs in runs)):
+        for docs in runs:
+            if position < len(docs):
+                callback(*docs[position])
+    for stop in stops:
+        callback(*stop)
+
+    for uid in (first, second):
+        events = raw.events(uid)
+        child = only_child(store, uid)
+        assert column(child, "primary", "parent_seq_num").tolist() == [
+            e["seq_num"] for e in events
+        ]
+        np.testing.assert_allclose(
+            column(child, "primary", "total"), [10.0 * e["data"]["det"] for e in events]
+        )
