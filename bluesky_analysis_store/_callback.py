@@ -45,6 +45,9 @@ class AnalysisStoreCallback:
     - ``"thread"``: on a worker thread of this process.
     - ``False``: on the RunEngine's thread, document by document.
 
+    ``mode`` tells which of the three it is (``"process"``, ``"thread"`` or
+    ``"foreground"``); ``worker_pid`` is the worker process's id.
+
     In the background modes the RunEngine only queues documents, at most ``queue_size`` of
     them holding at most ``queue_bytes`` of array data (one document always fits); when the
     queue is full the RunEngine waits (nothing is dropped). At a raw run's stop the RunEngine
