@@ -256,54 +256,65 @@ def run_floor_a(RE: Any, source: FrameSource, n: int, folder: Path) -> dict[str,
     return {"scan": t_scan, "loop": t_loop, "total": t_scan + t_loop}
 
 
-def run_project_a(RE: Any, source: FrameSource, n: int, store: Any, cb: Any) -> dict[str, Any]:
-    """The scan with the callback subscribed, until the child run's frames are readable."""
+def time_until_readable(
+    RE: Any,
+    callback: Any,
+    source: FrameSource,
+    n: int,
+    derived_frames: Callable[[str], Any],
+    *,
+    exact: bool,
+) -> tuple[dict[str, float], Any]:
+    """Time ``RE(count(...))`` with ``callback`` subscribed, then until the derived frames are
+    readable: ``derived_frames(raw_uid)`` finds them, their shape and last frame are read
+    and checked (``exact``: equal, else close). Returns the times and the child run's uid."""
     from bluesky.plans import count
 
-    token = RE.subscribe(cb)
+    token = RE.subscribe(callback)
     try:
         t0 = time.perf_counter()
         (raw_uid,) = RE(count([source.signal], num=n))
         t_scan = time.perf_counter() - t0
-        (child_uid,) = store.children(raw_uid)
-        norm = store[child_uid]["primary"]["norm"]
+        child_uid, norm = derived_frames(raw_uid)
         shape = tuple(norm.shape)
         last = norm[n - 1]
         t_total = time.perf_counter() - t0
     finally:
         RE.unsubscribe(token)
     expected = reducers.normalise_and_sum({reducers.FRAME_KEY: source.last})["norm"]
-    if shape != (n, *FRAME_SHAPE) or not np.array_equal(last, expected):
-        raise RuntimeError(f"project: child run {child_uid} holds {shape}, or a wrong frame")
+    same = np.array_equal if exact else np.allclose
+    if shape != (n, *FRAME_SHAPE) or not same(last, expected):
+        raise RuntimeError(f"child run {child_uid} holds {shape}, or a wrong frame")
+    return {"scan": t_scan, "readable": t_total - t_scan, "total": t_total}, child_uid
+
+
+def run_project_a(RE: Any, source: FrameSource, n: int, store: Any, cb: Any) -> dict[str, Any]:
+    """The scan with the callback subscribed, until the child run's frames are readable."""
+
+    def derived_frames(raw_uid: str) -> tuple[str, Any]:
+        (child_uid,) = store.children(raw_uid)
+        return child_uid, store[child_uid]["primary"]["norm"]
+
+    times, child_uid = time_until_readable(RE, cb, source, n, derived_frames, exact=True)
     reduction = store[child_uid].stop["reduction"]
     if reduction["events_reduced"] != n or reduction["events_failed"]:
         raise RuntimeError(f"project: child run {child_uid} reduced {reduction}")
-    return {"scan": t_scan, "readable": t_total - t_scan, "total": t_total}
+    return times
 
 
 def run_peer_a(RE: Any, source: FrameSource, n: int, client: Any) -> dict[str, Any]:
     """LiveDispatcher -> TiledWriter (arrays inside events), until the child is readable."""
-    from bluesky.plans import count
     from bluesky_tiled_plugins import TiledWriter
 
     dispatcher = make_reducing_dispatcher(reducers.normalise_and_sum)
     dispatcher.subscribe(TiledWriter(client))
-    token = RE.subscribe(dispatcher)
-    try:
-        t0 = time.perf_counter()
-        RE(count([source.signal], num=n))
-        t_scan = time.perf_counter() - t0
+
+    def derived_frames(raw_uid: str) -> tuple[str, Any]:
         child_uid = dispatcher.child_uids[-1]
-        norm = client[child_uid]["primary"]["norm"]
-        shape = tuple(norm.shape)
-        last = norm[n - 1]
-        t_total = time.perf_counter() - t0
-    finally:
-        RE.unsubscribe(token)
-    expected = reducers.normalise_and_sum({reducers.FRAME_KEY: source.last})["norm"]
-    if shape != (n, *FRAME_SHAPE) or not np.allclose(last, expected):
-        raise RuntimeError(f"peer: child run {child_uid} holds {shape}, or a wrong frame")
-    return {"scan": t_scan, "readable": t_total - t_scan, "total": t_total}
+        return child_uid, client[child_uid]["primary"]["norm"]
+
+    times, _ = time_until_readable(RE, dispatcher, source, n, derived_frames, exact=False)
+    return times
 
 
 def scenario_a(args: argparse.Namespace, work: Path, RE: Any, report: Report) -> None:
