@@ -4,10 +4,13 @@ from __future__ import annotations
 
 __all__ = [
     "AnalysisStoreError",
+    "AssetExistsError",
     "AssetLocationError",
     "DataKeyError",
     "DataValueError",
+    "DiskFullError",
     "FormatRegistryError",
+    "FrameWriteError",
     "IngestError",
     "MetadataError",
     "ProvenanceError",
@@ -38,6 +41,18 @@ class WriterRootError(AnalysisStoreError, OSError):
 
 class AssetLocationError(AnalysisStoreError, PermissionError):
     """An asset file outside the folders the analysis store may read."""
+
+
+class AssetExistsError(AnalysisStoreError, FileExistsError):
+    """A writer given a path that already holds data: existing files are never replaced."""
+
+
+class FrameWriteError(AnalysisStoreError, OSError):
+    """A frame that could not be written; the files are left as they were before the call."""
+
+
+class DiskFullError(FrameWriteError):
+    """Not enough free space for the next frame (``errno`` is ``ENOSPC``)."""
 
 
 class FormatRegistryError(AnalysisStoreError, KeyError):

@@ -444,7 +444,7 @@ def test_stream_uri_and_parameters() -> None:
     assert HDF5_FORMAT.stream_parameters({"dataset": "data"}, (7,)) == {
         "dataset": "data",
         "chunk_shape": [1, 7],
-        "swmr": False,
+        "swmr": True,
         "locking": False,
     }
 

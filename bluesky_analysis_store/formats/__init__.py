@@ -1,6 +1,6 @@
 """Writer/handler pairs, one format per module, and the registry that finds them."""
 
-from ._base import FileFormat, Handler, Writer
+from ._base import FileFormat, Handler, RewindableWriter, Writer
 from ._registry import ENTRY_POINT_GROUP, FormatRegistry, formats
 from .hdf5 import HDF5_FORMAT, HDF5DatasetHandler, HDF5DatasetWriter
 from .npy import NPY_FORMAT, NPYSeriesHandler, NPYSeriesWriter
@@ -10,6 +10,7 @@ __all__ = [
     # The contract
     "FileFormat",
     "Handler",
+    "RewindableWriter",
     "Writer",
     # The registry
     "ENTRY_POINT_GROUP",

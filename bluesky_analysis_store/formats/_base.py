@@ -6,6 +6,15 @@ value writes that value and returns the datum kwargs with which
 ``handler(full_path, **resource_kwargs)(**datum_kwargs)`` returns it again, dtype and shape
 preserved. ``full_path`` is ``os.path.join(root, resource_path)``, as event-model's Filler
 builds it, so the resource path stays relative to a root that can be relocated.
+
+What the package's writers also promise, and a writer of your own should: existing data is
+never replaced (a path that already holds data is refused with ``AssetExistsError``); a
+call that raises leaves the files as they were before it (a full disk raises
+``DiskFullError``, checked before anything is written); a frame whose call returned
+survives the writing process being killed, and a reader in another process never sees a
+partial frame. A writer may also be able to forget its last frames
+(:class:`RewindableWriter`), which lets the composer take back the other keys of an event
+whose writing failed half-way.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["FileFormat", "Handler", "Writer"]
+__all__ = ["FileFormat", "Handler", "RewindableWriter", "Writer"]
 
 
 @runtime_checkable
@@ -29,6 +38,18 @@ class Writer(Protocol):
 
     def close(self) -> None:
         """Release open files; further calls are an error."""
+        ...
+
+
+@runtime_checkable
+class RewindableWriter(Writer, Protocol):
+    """A :class:`Writer` that can also forget its last frames (optional for a writer)."""
+
+    def rewind(self, index: int) -> None:
+        """Forget the frames from ``index`` on: the next call writes frame ``index`` again.
+
+        ``index`` is at most the number of frames written; their files or rows are removed.
+        """
         ...
 
 

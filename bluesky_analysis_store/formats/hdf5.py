@@ -1,7 +1,16 @@
-"""HDF5: one file per run and data key, one chunked dataset that grows by a frame a call."""
+"""HDF5: one file per run and data key, one chunked dataset that grows by a frame a call.
+
+The writer keeps its file open in SWMR mode (single writer, multiple readers): after each
+frame the dataset is flushed, and from then on a reader in another process that opens the
+file with ``swmr=True`` (the handler, tiled's adapter through the stream resource's
+parameters) finds every frame whose call returned, also while the run goes on and also
+after the writing process was killed (its file then keeps the "open for writing" flag, which
+only a non-SWMR reader minds: ``h5clear -s`` clears it).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -9,47 +18,139 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .._errors import AssetExistsError, FrameWriteError
 from ._base import FileFormat
+from ._safe_writing import ensure_free_space, frame_write_error
 
 __all__ = ["HDF5_FORMAT", "HDF5DatasetHandler", "HDF5DatasetWriter"]
 
 DEFAULT_DATASET = "data"
 
+# What h5py raises for a failed write, flush or resize: OSError or RuntimeError.
+_H5_ERRORS = (OSError, RuntimeError)
+
 
 class HDF5DatasetWriter:
-    """Appends each value as one more row of ``dataset``.
+    """Appends each value as one more row of ``dataset``, in a file it creates.
 
-    The file is opened for each frame and closed again, so that a reader in another process
-    (tiled, a handler) always finds a complete file while the run is still going.
+    The file and its chunked, resizable dataset are created at the first frame (their shape
+    and dtype come from it), with ``libver="latest"``, then switched to SWMR mode; each frame
+    resizes, writes and flushes the dataset. A path that exists already is refused: the
+    writer never deletes or appends to data it did not write.
     """
 
     def __init__(self, path: str, dataset: str = DEFAULT_DATASET) -> None:
         self._path = path
-        self._dataset = dataset
+        self._dataset_name = dataset
+        self._file: h5py.File | None = None
+        self._dataset: h5py.Dataset | None = None
         self._index = 0
+        self._closed = False
+        _refuse_existing(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def __call__(self, value: np.ndarray) -> dict[str, Any]:
+        if self._closed:
+            raise FrameWriteError(errno.EBADF, f"the writer of {self._path!r} is closed")
         value = np.asarray(value)
+        ensure_free_space(self._path, value.nbytes)
+        dataset = self._dataset if self._dataset is not None else self._create(value)
         index = self._index
-        with h5py.File(self._path, "a", locking=False) as file:
-            if index == 0:
-                if self._dataset in file:
-                    del file[self._dataset]
-                file.create_dataset(
-                    self._dataset,
-                    shape=(0, *value.shape),
-                    maxshape=(None, *value.shape),
-                    chunks=(1, *value.shape) if value.size else None,
-                    dtype=value.dtype,
-                )
-            dataset = file[self._dataset]
+        try:
             dataset.resize(index + 1, axis=0)
             dataset[index] = value
-        self._index += 1
+            dataset.flush()
+        except BaseException as error:
+            self._shrink_back(index)
+            if isinstance(error, _H5_ERRORS):
+                raise frame_write_error(error, self._path, value.nbytes) from error
+            raise
+        self._index = index + 1
         return {"index": index}
 
+    def rewind(self, index: int) -> None:
+        """Forget the rows from ``index`` on (the dataset is resized back and flushed)."""
+        if not 0 <= index <= self._index:
+            raise ValueError(f"cannot rewind to frame {index}: {self._index} frames written")
+        if self._dataset is None or index == self._index:
+            return
+        try:
+            self._dataset.resize(index, axis=0)
+            self._dataset.flush()
+        except _H5_ERRORS as error:
+            raise frame_write_error(error, self._path, 0) from error
+        self._index = index
+
     def close(self) -> None:
+        self._closed = True
+        file, self._file, self._dataset = self._file, None, None
+        if file is None:
+            return
+        try:
+            file.close()
+        except _H5_ERRORS as error:
+            raise frame_write_error(error, self._path, 0) from error
+
+    def _create(self, value: np.ndarray) -> h5py.Dataset:
+        try:
+            # "x": created here or refused, also if another writer made it since __init__.
+            file = h5py.File(self._path, "x", libver="latest", locking=False)
+        except FileExistsError as error:
+            raise _exists(self._path) from error
+        except _H5_ERRORS as error:
+            if os.path.exists(self._path):
+                raise _exists(self._path) from error
+            raise frame_write_error(error, self._path, value.nbytes) from error
+        try:
+            dataset = file.create_dataset(
+                self._dataset_name,
+                shape=(0, *value.shape),
+                maxshape=(None, *value.shape),
+                chunks=(1, *value.shape) if value.size else None,
+                dtype=value.dtype,
+            )
+            # From here on no object may be added to the file; readers may open it.
+            file.swmr_mode = True
+        except BaseException as error:
+            # The file is this writer's own and holds nothing yet: leave no half-made file.
+            _close_quietly(file)
+            os.remove(self._path)
+            if isinstance(error, _H5_ERRORS):
+                raise frame_write_error(error, self._path, value.nbytes) from error
+            raise
+        self._file, self._dataset = file, dataset
+        return dataset
+
+    def _shrink_back(self, index: int) -> None:
+        """After a failed frame: the dataset as it was before (best effort, never raises)."""
+        assert self._dataset is not None
+        try:
+            if self._dataset.shape[0] != index:
+                self._dataset.resize(index, axis=0)
+            self._dataset.flush()
+        except _H5_ERRORS:
+            # The next frame or close() tries again; the rows up to ``index`` stay valid.
+            pass
+
+
+def _refuse_existing(path: str) -> None:
+    if os.path.lexists(path):
+        raise _exists(path)
+
+
+def _exists(path: str) -> AssetExistsError:
+    return AssetExistsError(
+        errno.EEXIST,
+        f"refusing to write into the existing file {path!r}: an HDF5 writer only creates "
+        "new files, it never appends to or replaces existing data",
+        path,
+    )
+
+
+def _close_quietly(file: h5py.File) -> None:
+    try:
+        file.close()
+    except _H5_ERRORS:
         pass
 
 
@@ -61,7 +162,8 @@ class HDF5DatasetHandler:
         self._dataset = dataset
 
     def __call__(self, index: int) -> np.ndarray:
-        with h5py.File(self._path, "r", locking=False) as file:
+        # SWMR: the file may be open for writing, or have been left so by a killed writer.
+        with h5py.File(self._path, "r", swmr=True, locking=False) as file:
             return file[self._dataset][index]
 
 
@@ -70,8 +172,10 @@ class _HDF5Format(FileFormat):
         self, resource_kwargs: Mapping[str, Any], frame_shape: tuple[int, ...]
     ) -> dict[str, Any]:
         params = super().stream_parameters(resource_kwargs, frame_shape)
-        # Files are closed between frames and written without SWMR.
-        params.update(swmr=False, locking=False)
+        # Written in SWMR mode and kept open during the run: tiled's adapter must read with
+        # swmr=True (a non-SWMR open fails on a file open for writing). No file locks: SWMR
+        # needs none, and they fail on some network file systems.
+        params.update(swmr=True, locking=False)
         return params
 
 
