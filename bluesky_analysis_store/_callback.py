@@ -162,8 +162,7 @@ class AnalysisStoreCallback:
         if self._worker is not None:
             return self._worker.flush(timeout)
         assert self._router is not None
-        self._router.flush_store()
-        return True
+        return self._router.flush_store(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the worker. Runs still open stay unfinished."""
@@ -174,8 +173,10 @@ class AnalysisStoreCallback:
             self._worker.close(timeout)
         else:
             assert self._router is not None
-            self._router.flush_store()
-            self._router.close()
+            self._router.close(
+                reason="interrupted: the analysis callback was closed before the raw run's stop",
+                timeout=timeout,
+            )
 
     def __enter__(self) -> AnalysisStoreCallback:
         return self

@@ -3,7 +3,8 @@
 :class:`LiveRouter` routes each raw run to a :class:`RunReduction` of its own (interleaved
 and nested runs stay apart) and keeps every failure away from its caller unless the plan
 says ``on_error="raise"``. It runs wherever the callback's work runs: on the RunEngine's
-thread (foreground), on a worker thread, or in the worker process.
+thread (foreground), on a worker thread, or in the worker process; in each, child documents
+go the same way: journaled first, then delivered to the store by a :class:`Delivery` thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from event_model import RunRouter, UnresolvableForeignKeyError
 
+from ._delivery import Delivery, JournaledSink
 from ._filling import EventShortcut, RouterFiller
 from ._reduction import ReductionPlan, RunReduction
 
@@ -26,11 +28,8 @@ logger = logging.getLogger(__name__)
 class LiveRouter:
     """Reduce every raw run it is given into a child run saved in ``store``.
 
-    ``on_run_finished(raw_uid)`` is called once a raw run's stop has been dealt with,
-    whether or not its child run could be completed. A store that can leave closing a
-    run's streams for later (``store(name, doc, close_streams=False)`` and
-    ``store.close_streams()``, as :class:`AnalysisStore` can) closes them after that call:
-    a scan waiting for its child run does not wait for those requests.
+    ``on_run_finished(raw_uid)`` is called once a raw run's child run is delivered to the
+    store, or is safe in its journal while the store fails, or could not be made at all.
     ``private_documents=True`` says no one else sees the documents (they were unpickled
     here), so reducers get their arrays without a copy.
     """
@@ -47,8 +46,7 @@ class LiveRouter:
         self.store = store
         self._private_documents = private_documents
         self._on_run_finished = on_run_finished
-        self._close_streams = getattr(store, "close_streams", None)
-        self._sink = functools.partial(store, close_streams=False) if self._close_streams else store
+        self.delivery = Delivery(store)
         self._router = RunRouter([self._factory], filler_class=RouterFiller)
         self._runs: dict[str, RunReduction] = {}
         self._shortcut = EventShortcut(self._runs)
@@ -72,19 +70,21 @@ class LiveRouter:
                 raise
             logger.exception("the analysis callback failed on a %s document", name)
         if name == "stop":
-            run = self._runs.pop(doc["run_start"], None)
+            raw_uid = doc["run_start"]
+            run = self._runs.pop(raw_uid, None)
             self._shortcut.forget(run)
-            self._on_run_finished(doc["run_start"])
             if run is not None and not run.done:
-                logger.error("child run of %s was not completed", doc["run_start"])
-            if self._close_streams is not None:
-                self._guard(self._close_streams, "closing the child run's streams")
+                logger.error("child run of %s was not completed", raw_uid)
+            child_uid = run.child_uid if run is not None and run.done else None
+            self.delivery.when_settled(
+                child_uid, functools.partial(self._on_run_finished, raw_uid)
+            )
 
-    def flush_store(self) -> None:
-        """Write rows the store buffers, so that readers see them now."""
-        flush = getattr(self.store, "flush", None)
-        if flush is not None:
-            self._guard(flush, "writing buffered derived data to the store")
+    def flush_store(self, timeout: float | None = None) -> bool:
+        """Deliver every child document made so far and write the rows buffered for open
+        runs, so that readers see them now; False if the store failed (they stay in the
+        journal and are delivered later) or ``timeout`` passed."""
+        return self.delivery.flush(timeout)
 
     def _guard(self, action: Callable[[], None], what: str) -> None:
         try:
@@ -94,13 +94,20 @@ class LiveRouter:
                 raise
             logger.exception("%s failed", what)
 
-    def close(self) -> None:
-        """Release the files of runs that will not be completed."""
-        for run in self._runs.values():
+    def close(self, reason: str | None = None, timeout: float | None = None) -> None:
+        """End the child runs whose raw run will not be completed (with a stop of
+        ``exit_status: "fail"`` and ``reason``; without one if ``reason`` is None, leaving
+        them to ``recover``), then deliver what is journaled, for at most ``timeout``."""
+        for raw_uid, run in list(self._runs.items()):
+            if reason is not None:
+                self._guard(functools.partial(run.interrupt, reason), "closing a child run")
             run.close()
+            self._on_run_finished(raw_uid)
         self._runs.clear()
+        self.delivery.close(timeout)
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        run = RunReduction(self.plan, self._sink, copy_inputs=not self._private_documents)
+        sink = JournaledSink(self.delivery)
+        run = RunReduction(self.plan, sink, copy_inputs=not self._private_documents)
         self._runs[start["uid"]] = run
         return [run], []

@@ -237,13 +237,7 @@ class RunReduction(DocumentRouter):
             "failures": self.failures,
             "raw_exit_status": doc.get("exit_status"),
         }
-        documents = self._composer.stop(
-            exit_status=doc.get("exit_status", "success"),
-            reason=doc.get("reason", ""),
-            reduction=reduction,
-        )
-        self._emit(documents, stage="saving the child stop")
-        self.done = True
+        self._finish(doc.get("exit_status", "success"), doc.get("reason", ""), reduction)
         logger.info(
             "child run %s of raw run %s: %d events reduced, %d failed",
             self.child_uid,
@@ -251,6 +245,27 @@ class RunReduction(DocumentRouter):
             self.events_reduced,
             self.events_failed,
         )
+
+    def interrupt(self, reason: str) -> None:
+        """End the child run of a raw run that will not be completed: a stop of
+        ``exit_status: "fail"`` saying why, with what was reduced until now."""
+        if self._composer is None or self.done:
+            return
+        self._filler.close()
+        reduction = {
+            "events_reduced": self.events_reduced,
+            "events_failed": self.events_failed,
+            "failures": self.failures,
+            "raw_exit_status": None,
+            "interrupted": True,
+        }
+        self._finish("fail", reason, reduction)
+
+    def _finish(self, exit_status: str, reason: str, reduction: dict[str, Any]) -> None:
+        assert self._composer is not None
+        documents = self._composer.stop(exit_status=exit_status, reason=reason, reduction=reduction)
+        # Done only once the stop is journaled: until then the child is not closed.
+        self.done = self._emit(documents, stage="saving the child stop")
 
     def close(self) -> None:
         """Release open files of a run that will not be completed."""
@@ -274,8 +289,12 @@ class RunReduction(DocumentRouter):
         where: Mapping[str, Any] | None = None,
     ) -> bool:
         try:
-            for name, doc in documents:
-                self._sink(name, doc)
+            write_all = getattr(self._sink, "write_all", None)
+            if write_all is not None:  # one event's documents: journaled all or none
+                write_all(list(documents))
+            else:
+                for name, doc in documents:
+                    self._sink(name, doc)
         except Exception as error:
             self._fail(error, stage, where or {})
             return False

@@ -33,7 +33,9 @@ _BATCH_SIZE = 100_000
 class FlushingTiledWriter:
     """A document callback that writes runs into a tiled catalog, buffering between flushes."""
 
-    def __init__(self, client: Any, *, flush_interval: float = 0.5) -> None:
+    def __init__(self, client: Any, *, flush_interval: float | None = 0.5) -> None:
+        """``flush_interval=None``: rows are written only by :meth:`flush` and at a run's
+        stop (the caller decides when)."""
         self._client = client.include_data_sources()
         self._flush_interval = flush_interval
         self._run_writers: dict[str, _RunWriter] = {}
@@ -75,7 +77,11 @@ class FlushingTiledWriter:
                 # be flushed again, and fail again, on every later document of other runs.
                 if name == "stop":
                     self._forget(doc["run_start"])
-            if name != "stop" and time.monotonic() - self._last_flush >= self._flush_interval:
+            if (
+                name != "stop"
+                and self._flush_interval is not None
+                and time.monotonic() - self._last_flush >= self._flush_interval
+            ):
                 self.flush()
 
     def _forget(self, run_uid: str) -> None:

@@ -413,6 +413,10 @@ def _only_forward(root: logging.Logger) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The worker process: ``python -m bluesky_analysis_store._worker_process IN OUT``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tiled's client retries a failing request for up to 45 s; the journal keeps what a
+    # store that is down does not take, so give up sooner and let delivery retry the run.
+    os.environ.setdefault("TILED_RETRY_ATTEMPTS", "2")
+    os.environ.setdefault("TILED_RETRY_TIMEOUT", "5")
     args = list(sys.argv[1:] if argv is None else argv)
     inbox, outbox = MessagePipe(int(args[0]), "rb"), MessagePipe(int(args[1]), "wb")
 
@@ -447,34 +451,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     _only_forward(root)
     tell("ready")
+    reason = _ORPHANED_REASON
     try:
-        return _serve(inbox, router, tell)
+        if _serve(inbox, router, tell):
+            reason = _CLOSED_REASON
     finally:
-        router.flush_store()
-        router.close()
+        # Runs still open will get no more documents: close them as failed, deliver what
+        # the store takes in a bounded time and leave the rest in the journal.
+        router.close(reason=reason, timeout=_DELIVERY_AT_EXIT_SECONDS)
+    return 0
 
 
-def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> int:
+_ORPHANED_REASON = (
+    "interrupted: the scan's process ended before the raw run's stop (its documents stop here)"
+)
+_CLOSED_REASON = "interrupted: the analysis callback was closed before the raw run's stop"
+# How long a worker whose callback has gone keeps delivering before it leaves the rest to
+# the journal (and `recover`): it must not linger as an orphan.
+_DELIVERY_AT_EXIT_SECONDS = 30.0
+
+
+def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> bool:
+    """Reduce what comes through ``inbox``; True if the callback closed it, False if the
+    callback's process went away."""
     # A thread reads the next message from the pipe (without the interpreter lock) while
     # this one reduces the last; one message waits at most, so the pipe still pushes back.
     received: queue.Queue[Any] = queue.Queue(maxsize=1)
     threading.Thread(target=_read_all, args=(inbox, received), daemon=True).start()
     while True:
-        try:
-            items = received.get(timeout=IDLE_FLUSH_SECONDS)
-        except queue.Empty:
-            router.flush_store()
-            continue
+        items = received.get()
         if items is None:  # the callback's process has gone: what it sent is done
-            return 0
+            return False
         for item in items:
             if item[0] == "doc":
                 router(item[1], item[2])
             elif item[0] == "flush":
-                router.flush_store()
+                router.flush_store(_FLUSH_SECONDS)
                 tell("flushed", item[1])
             elif item[0] == "close":
-                return 0
+                return True
+
+
+# A flush asked for by the callback waits this long at most for the store (the journal
+# keeps what it does not take).
+_FLUSH_SECONDS = 30.0
 
 
 def _read_all(inbox: MessagePipe, received: queue.Queue[Any]) -> None:

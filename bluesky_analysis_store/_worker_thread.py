@@ -59,8 +59,7 @@ class ThreadWorker:
             return False
         if not wait_while_alive(done, timeout, self.alive):
             return False
-        self._router.flush_store()
-        return True
+        return self._router.flush_store(timeout)
 
     def close(self, timeout: float | None) -> None:
         self.flush(timeout)
@@ -77,8 +76,6 @@ class ThreadWorker:
         try:
             while True:
                 batch = self._queue.get_batch(IDLE_FLUSH_SECONDS, GATHER_SECONDS)
-                if not batch:
-                    self._router.flush_store()
                 for item, size in batch:
                     try:
                         if item is _STOP:
@@ -90,4 +87,7 @@ class ThreadWorker:
                     finally:
                         self._queue.done(size)
         finally:
-            self._router.close()
+            self._router.close(
+                reason="interrupted: the analysis callback was closed before the raw run's stop",
+                timeout=30.0,
+            )
