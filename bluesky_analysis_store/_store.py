@@ -212,6 +212,22 @@ class AnalysisStore:
         )
         return store
 
+    @property
+    def journal_folder(self) -> Path:
+        """Where child runs are journaled before they reach the catalog (see ``recover``):
+        ``<store folder>/journal`` for an embedded store; for a server,
+        ``$BLUESKY_ANALYSIS_JOURNAL`` or a folder per server under
+        ``~/.local/state/bluesky-analysis-store/journals``."""
+        return journal_folder_for(self.location)
+
+    def recover(self) -> Any:
+        """Deliver child runs left in the journal (the store was down, or their process
+        was killed) and close those without a stop as interrupted: a
+        :class:`~bluesky_analysis_store.RecoveryReport`. Idempotent."""
+        from ._recovery import recover
+
+        return recover(self)
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled, a store is the way to open it again: the callback's worker process
         writes through a store of its own on the same catalog."""
@@ -314,6 +330,22 @@ class AnalysisStore:
 
     def __repr__(self) -> str:
         return f"<AnalysisStore {self.location or self._client!r}>"
+
+
+JOURNAL_ENV = "BLUESKY_ANALYSIS_JOURNAL"
+"""Environment variable naming the journal folder of a store on a tiled server."""
+
+
+def journal_folder_for(location: str | None) -> Path:
+    if location and not location.startswith(("http://", "https://")):
+        return Path(location) / "journal"
+    if os.environ.get(JOURNAL_ENV):
+        return Path(os.environ[JOURNAL_ENV]).absolute()
+    import hashlib
+
+    key = hashlib.sha256((location or "").encode()).hexdigest()[:16]
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "bluesky-analysis-store" / "journals" / key
 
 
 def _open_folder(folder: str, flush_interval: float) -> AnalysisStore:
