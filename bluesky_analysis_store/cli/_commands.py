@@ -153,3 +153,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     report = reproduce(store, child_uid, source, allow_changed_code=args.allow_changed_code)
     print(report)
     return EXIT_OK if report.identical else EXIT_FAILED
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .._recovery import recover
+
+    store = open_store(args)
+    folder = os.path.expanduser(args.journal) if args.journal else store.journal_folder
+    if args.journal and not os.path.isdir(folder):
+        raise CommandError(f"no journal folder {folder!r}")
+    report = recover(store, folder)
+    for uid in report.delivered:
+        closed = " (closed as interrupted)" if uid in report.closed else ""
+        print(f"{uid}  delivered{closed}")
+    for uid in report.live:
+        print(f"{uid}  in use by a running process: left alone")
+    for uid, error in report.failed.items():
+        print(f"{uid}  not delivered: {error}", file=sys.stderr)
+    print(f"recover: {report} (journal {folder})")
+    return EXIT_OK if report.ok else EXIT_FAILED

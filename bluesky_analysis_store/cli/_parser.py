@@ -20,6 +20,7 @@ from ._commands import (
     cmd_ls,
     cmd_plot,
     cmd_reprocess,
+    cmd_recover,
     cmd_reproduce,
     cmd_show,
 )
@@ -103,6 +104,10 @@ examples:
 examples:
   bluesky-analysis-store reproduce 013f38df
   bluesky-analysis-store reproduce 013f38df --source /data/raw-store --allow-changed-code""",
+    "recover": """\
+examples:
+  bluesky-analysis-store recover
+  bluesky-analysis-store recover --store http://tiled.example:8000 --journal /data/journal""",
 }
 
 _MD_HELP = (
@@ -344,5 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-changed-code",
         action="store_true",
         help="run the code even if its version, commit or source differs from the record",
+    )
+
+    recover = add(
+        "recover",
+        "deliver child runs left in the journal (the store was down when their scan ended, "
+        "or a process was killed) and close those without a stop with exit status fail and a "
+        "reason; journals in use by a running process are left alone; safe to run again "
+        "(exit status 0: all delivered, 1: some could not be delivered)",
+        cmd_recover,
+    )
+    recover.add_argument(
+        "--journal",
+        metavar="FOLDER",
+        help="the journal folder (default: the store's: STORE/journal for an embedded store, "
+        "$BLUESKY_ANALYSIS_JOURNAL or a folder per server under ~/.local/state for a server)",
     )
     return parser
