@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from ._errors import AnalysisStoreError
-from ._handover import Worker
+from ._handover import RunWaiter, Worker
 from ._live_router import LiveRouter
 from ._reduction import OnError, ReductionPlan
 
@@ -112,7 +112,12 @@ class AnalysisStoreCallback:
                 self.plan, store, queue_size=queue_size, queue_bytes=queue_bytes
             )
         else:
-            self._router = LiveRouter(self.plan, store)
+            # The foreground delivers on a thread of its own too: waiting at a stop is the
+            # same wait for the child run as in the background modes.
+            self._foreground_runs = RunWaiter()
+            self._router = LiveRouter(
+                self.plan, store, on_run_finished=self._foreground_runs.finished
+            )
             # In the foreground nothing runs between documents: without this, rows written
             # while the scan waits (a long exposure, a sleep) would wait for the next one.
             threading.Thread(
@@ -143,7 +148,11 @@ class AnalysisStoreCallback:
             return
         if self._worker is None:
             assert self._router is not None
+            if name == "start":
+                self._foreground_runs.expect(doc["uid"])
             self._router(name, doc)
+            if name == "stop":
+                self._foreground_runs.wait(doc["run_start"], self.stop_timeout)
             return
         self._worker.submit(name, doc)
         if name == "stop" and not self._worker.wait_for_run(doc["run_start"], self.stop_timeout):

@@ -270,6 +270,7 @@ class Delivery:
     # --- the thread ---------------------------------------------------------------------
 
     def _deliver_all(self) -> None:
+        self._recover_left_over()
         last_flush = time.monotonic()
         while True:
             try:
@@ -296,6 +297,17 @@ class Delivery:
             if time.monotonic() - last_flush >= FLUSH_SECONDS:
                 self._flush_runs()
                 last_flush = time.monotonic()
+
+    def _recover_left_over(self) -> None:
+        """Journals that outlived their process (killed, or the store was down when it
+        ended): deliver them now, as ``recover`` would."""
+        from ._recovery import recover
+
+        try:
+            with self._request():
+                recover(self.store, self.folder)
+        except Exception:
+            logger.exception("journals left by earlier sessions could not be recovered")
 
     def _wait(self) -> float:
         retry_at = [r.retry_at for r in list(self._runs.values()) if r.tainted]

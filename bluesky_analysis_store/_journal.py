@@ -56,7 +56,7 @@ class JournalError(AnalysisStoreError, OSError):
 
 def _default(value: Any) -> Any:
     if isinstance(value, np.ndarray | np.generic):
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)  # tobytes() below is in C order whatever the layout
         if array.dtype.kind == "O":
             raise TypeError("object arrays cannot be journaled")
         return {

@@ -69,6 +69,8 @@ def recover(store: Any, journal_folder: str | os.PathLike[str] | None = None) ->
     report = RecoveryReport()
     for path in journal_paths(folder):
         uid = path.name.split(".")[0]
+        if path.stat().st_size == 0:  # being opened by its writer this very moment
+            continue
         journal = RunJournal.take_over(path)
         if journal is None:
             report.live.append(uid)
