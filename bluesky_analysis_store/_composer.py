@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time as ttime
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,6 +32,8 @@ from ._provenance import make_provenance
 from ._writer_specs import WriterSpec, ensure_writable_root, resolve_writers
 
 __all__ = ["AssetDocuments", "RunComposer", "compose_documents"]
+
+logger = logging.getLogger(__name__)
 
 AssetDocuments = Literal["stream", "resource"]
 Document = tuple[str, dict[str, Any]]
@@ -106,6 +109,8 @@ class RunComposer:
         )
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        # Descriptors and resources made for an event whose writing failed: sent with the next.
+        self._unsent: list[Document] = []
 
     @property
     def start_doc(self) -> dict[str, Any]:
@@ -156,7 +161,7 @@ class RunComposer:
         if self._stopped:
             raise AnalysisStoreError("the run is already stopped")
         values = {check_data_key(k): normalise_value(k, v) for k, v in data.items()}
-        docs: list[Document] = []
+        docs = list(self._unsent)
         known = self._streams.get(stream)
         if known is None:
             docs += self.declare_stream(stream, {k: describe_value(v) for k, v in values.items()})
@@ -168,12 +173,12 @@ class RunComposer:
         event_data: dict[str, Any] = {}
         filled: dict[str, bool] = {}
         seq_num = self._bundle.compose_stop.event_counters.get(stream, 1)
+        written = self._write_files(stream, known, values, docs)
         for key, value in values.items():
             if key not in self._writers:
                 event_data[key] = value
                 continue
-            file_key = known.file_keys.get(key) or self._open_file_key(stream, known, key, docs)
-            datum_kwargs = file_key.writer(value)
+            file_key, datum_kwargs = written[key]
             if self._asset_documents == "stream":
                 docs.append(
                     (
@@ -207,6 +212,7 @@ class RunComposer:
             validate=self._validate and (time is not None or seq_num == 1),
         )
         docs.append(("event", event))
+        self._unsent = []
         return docs
 
     def stop(self, exit_status: str = "success", reason: str = "", **extra: Any) -> list[Document]:
@@ -217,13 +223,46 @@ class RunComposer:
         stop = {**stop, **extra}
         if self._validate:
             schema_validators[DocumentNames.stop].validate(stop)
-        return [("stop", stop)]
+        unsent, self._unsent = self._unsent, []
+        return [*unsent, ("stop", stop)]
 
     def close(self) -> None:
         for known in self._streams.values():
             for file_key in known.file_keys.values():
                 file_key.writer.close()
             known.file_keys.clear()
+
+    def _write_files(
+        self, stream: str, known: _Stream, values: Mapping[str, Any], docs: list[Document]
+    ) -> dict[str, tuple[_FileKey, dict[str, Any]]]:
+        """Write the file-backed values of one event: all of them, or none.
+
+        If one fails, the keys already written are rewound and their ``index`` stays, so
+        every key stays in step with ``seq_num``. A key whose writer cannot rewind keeps its
+        frame, unreferenced, and its ``index`` moves past it, so that its next datum points
+        at the frame its writer writes next: :class:`AnalysisStoreError` says so.
+        """
+        written: dict[str, tuple[_FileKey, dict[str, Any]]] = {}
+        try:
+            for key, value in values.items():
+                if key in self._writers:
+                    file_key = known.file_keys.get(key) or self._open_file_key(
+                        stream, known, key, docs
+                    )
+                    written[key] = (file_key, file_key.writer(value))
+        except Exception as error:
+            self._unsent = docs  # descriptors and resources only: no datum is made yet
+            kept = [key for key, (file_key, _) in written.items() if not _rewound(file_key)]
+            if kept:
+                for key in kept:
+                    written[key][0].index += 1
+                raise AnalysisStoreError(
+                    f"the event of stream {stream!r} was not saved: writing its data failed "
+                    f"({error}), and the frames already written for {kept} cannot be taken "
+                    "back by their writers; they stay in their files, unreferenced"
+                ) from error
+            raise
+        return written
 
     def _writes_by_default(self, key: str, data_key: Mapping[str, Any]) -> bool:
         """Numeric arrays go to ``array_writer`` unless a writer or inline is asked for."""
@@ -298,6 +337,19 @@ class RunComposer:
             file_key = _FileKey(writer, bundle.compose_datum, bundle.resource_doc)
         known.file_keys[key] = file_key
         return file_key
+
+
+def _rewound(file_key: _FileKey) -> bool:
+    """Forget the frame ``file_key`` wrote last, if its writer can; ``True`` if it did."""
+    rewind = getattr(file_key.writer, "rewind", None)
+    if rewind is None:
+        return False
+    try:
+        rewind(file_key.index)
+    except Exception:
+        logger.exception("could not rewind %r to frame %d", file_key.writer, file_key.index)
+        return False
+    return True
 
 
 def _plan_streams(

@@ -74,13 +74,21 @@ def ensure_free_space(path: str, nbytes: int) -> None:
 def frame_write_error(error: BaseException, path: str, nbytes: int) -> FrameWriteError:
     """The clean error for an ``OSError`` (or an h5py ``RuntimeError``) raised by a write.
 
-    h5py reports a failed write as ``OSError`` or ``RuntimeError`` with ``errno`` unset and
-    the C library's errno only in the message, so ENOSPC is recognised from either.
+    The libraries do not always say ENOSPC: h5py raises ``OSError`` or ``RuntimeError`` with
+    ``errno`` unset and the C library's errno only in the message, numpy's ``tofile`` (used
+    by ``np.save`` and tifffile) an ``OSError`` "N requested and M written" without errno.
+    So a failure without errno while the frame no longer fits counts as a full disk too.
     """
     code = getattr(error, "errno", None)
     text = str(error)
-    if code == errno.ENOSPC or any(marker in text for marker in _NO_SPACE_TEXT):
-        return _disk_full(path, needed_bytes(nbytes), _free_or_zero(path))
+    needed = needed_bytes(nbytes)
+    free = _free_or_none(path)
+    if (
+        code == errno.ENOSPC
+        or any(marker in text for marker in _NO_SPACE_TEXT)
+        or (code is None and free is not None and free < needed)
+    ):
+        return _disk_full(path, needed, free if free is not None else 0)
     return FrameWriteError(code, f"could not write a frame to {path!r}: {text}", path)
 
 
@@ -128,11 +136,11 @@ def _disk_full(path: str, needed: int, free: int) -> DiskFullError:
     )
 
 
-def _free_or_zero(path: str) -> int:
+def _free_or_none(path: str) -> int | None:
     try:
         return free_bytes(path)
     except OSError:
-        return 0
+        return None
 
 
 def _existing_ancestor(path: str) -> str:
@@ -148,7 +156,7 @@ def _existing_ancestor(path: str) -> str:
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     except OSError:
         logger.warning("could not remove the temporary frame file %s", path, exc_info=True)

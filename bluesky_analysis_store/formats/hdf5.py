@@ -5,20 +5,22 @@ frame the dataset is flushed, and from then on a reader in another process that 
 file with ``swmr=True`` (the handler, tiled's adapter through the stream resource's
 parameters) finds every frame whose call returned, also while the run goes on and also
 after the writing process was killed (its file then keeps the "open for writing" flag, which
-only a non-SWMR reader minds: ``h5clear -s`` clears it).
+only a non-SWMR reader minds: ``h5clear -s`` clears it). A row whose call had not returned
+when the writer was killed may be there too, incomplete; no datum refers to it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import h5py
 import numpy as np
 
-from .._errors import AssetExistsError, FrameWriteError
+from .._errors import AnalysisStoreError, AssetExistsError, FrameWriteError
 from ._base import FileFormat
 from ._safe_writing import ensure_free_space, frame_write_error
 
@@ -34,9 +36,10 @@ class HDF5DatasetWriter:
     """Appends each value as one more row of ``dataset``, in a file it creates.
 
     The file and its chunked, resizable dataset are created at the first frame (their shape
-    and dtype come from it), with ``libver="latest"``, then switched to SWMR mode; each frame
-    resizes, writes and flushes the dataset. A path that exists already is refused: the
-    writer never deletes or appends to data it did not write.
+    and dtype come from it), with ``libver="latest"``, under a hidden name that is renamed
+    to ``path`` once the file is in SWMR mode; each frame resizes, writes and flushes the
+    dataset. A path that exists already is refused: the writer never deletes or appends to
+    data it did not write.
     """
 
     def __init__(self, path: str, dataset: str = DEFAULT_DATASET) -> None:
@@ -92,14 +95,13 @@ class HDF5DatasetWriter:
             raise frame_write_error(error, self._path, 0) from error
 
     def _create(self, value: np.ndarray) -> h5py.Dataset:
+        # Made under a hidden name and renamed once in SWMR mode: until then a reader would
+        # find a file open for writing without SWMR, which it cannot open.
+        folder, name = os.path.split(self._path)
+        temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
-            # "x": created here or refused, also if another writer made it since __init__.
-            file = h5py.File(self._path, "x", libver="latest", locking=False)
-        except FileExistsError as error:
-            raise _exists(self._path) from error
+            file = h5py.File(temporary, "x", libver="latest", locking=False)
         except _H5_ERRORS as error:
-            if os.path.exists(self._path):
-                raise _exists(self._path) from error
             raise frame_write_error(error, self._path, value.nbytes) from error
         try:
             dataset = file.create_dataset(
@@ -111,11 +113,13 @@ class HDF5DatasetWriter:
             )
             # From here on no object may be added to the file; readers may open it.
             file.swmr_mode = True
+            _refuse_existing(self._path)  # appeared since __init__
+            os.replace(temporary, self._path)
         except BaseException as error:
             # The file is this writer's own and holds nothing yet: leave no half-made file.
             _close_quietly(file)
-            os.remove(self._path)
-            if isinstance(error, _H5_ERRORS):
+            os.remove(temporary)
+            if isinstance(error, _H5_ERRORS) and not isinstance(error, AnalysisStoreError):
                 raise frame_write_error(error, self._path, value.nbytes) from error
             raise
         self._file, self._dataset = file, dataset
