@@ -7,17 +7,32 @@ exporter, so instead the events are rebuilt from tiled's arrays: tiled reads eve
 format it knows, and external values arrive already loaded (``filled`` is True). Streams are
 interleaved by event time, as the RunEngine emitted them (a ``dark`` stream before the
 frames it corrects), and read in blocks so memory stays bounded.
+
+A run may have no stop document: it is still running, or its process died (a crash, a
+SIGKILL) before the stop was saved. Such a run is replayed as far as it goes;
+:func:`stand_in_stop` is what tells a reduction that its events are over.
 """
 
 from __future__ import annotations
 
 import heapq
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["count_events", "replay_run"]
+__all__ = [
+    "STAND_IN_REASON",
+    "count_events",
+    "replay_run",
+    "stand_in_stop",
+    "stop_document",
+    "stream_lengths",
+]
+
+STAND_IN_REASON = "raw run incomplete: it has no stop document"
+"""The reason of a stand-in stop (:func:`stand_in_stop`), passed on to a child's stop."""
 
 _BLOCK_ROWS = 16
 _TABLE_COLUMNS = frozenset({"seq_num", "time"})
@@ -28,6 +43,8 @@ def _stream_events(
 ) -> Iterator[tuple[float, int, str, dict[str, Any]]]:
     data_keys = list(descriptor["data_keys"])
     available = set(stream)
+    if "seq_num" not in available:  # a descriptor, and no event saved yet
+        return
     seq_nums = np.asarray(stream["seq_num"].read())
     times = np.asarray(stream["time"].read())
     external = {k for k, v in descriptor["data_keys"].items() if v.get("external")}
@@ -67,12 +84,57 @@ def _item(value: Any) -> Any:
     return array.item() if array.ndim == 0 else array
 
 
+def stop_document(run: Any) -> dict[str, Any] | None:
+    """The run's stop document, or None when it has none (``run.stop`` raises then)."""
+    stop = (getattr(run, "metadata", None) or {}).get("stop")
+    return dict(stop) if stop else None
+
+
+def stream_lengths(run: Any) -> dict[str, int]:
+    """How many events each stream of ``run`` holds, counted in the saved rows (a stream
+    whose descriptor was saved but no event yet holds 0)."""
+    lengths = {}
+    for name in run:
+        stream = run[name]
+        lengths[name] = len(stream["seq_num"]) if "seq_num" in stream else 0
+    return lengths
+
+
 def count_events(run: Any) -> int:
-    return sum(len(run[name]["seq_num"]) for name in run)
+    return sum(stream_lengths(run).values())
 
 
-def replay_run(run: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(name, doc)``: start, descriptors, events with data loaded, stop."""
+def stand_in_stop(run: Any) -> dict[str, Any]:
+    """A stop document for a run that has none, ending it where its saved events end.
+
+    Its exit status is ``"fail"`` and its reason :data:`STAND_IN_REASON`, as a
+    recovery tool closes an interrupted run: a reduction that consumes it makes a child run
+    marked failed, which never counts as a complete reduction of the raw run.
+    """
+    start = run.start
+    times = [start.get("time", 0.0)]
+    for name in run:
+        stream = run[name]
+        if "time" in stream and len(stream["time"]):
+            times.append(float(np.asarray(stream["time"].read()).max()))
+    return {
+        "uid": str(uuid.uuid4()),
+        "run_start": start["uid"],
+        "time": max(times),
+        "exit_status": "fail",
+        "reason": STAND_IN_REASON,
+        "num_events": stream_lengths(run),
+    }
+
+
+def replay_run(
+    run: Any, *, stand_in: bool = False
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(name, doc)``: start, descriptors, events with data loaded, stop.
+
+    A run without a stop document ends after its last saved event, with no stop, unless
+    ``stand_in``: then with :func:`stand_in_stop`.
+    """
     yield "start", dict(run.start)
     generators = []
     for stream_name in run:
@@ -84,6 +146,8 @@ def replay_run(run: Any) -> Iterator[tuple[str, dict[str, Any]]]:
         generators.append(_stream_events(stream_name, stream, descriptors[0]))
     for _, _, _, event in heapq.merge(*generators, key=lambda item: item[:3]):
         yield "event", event
-    stop = run.stop
+    stop = stop_document(run)
+    if stop is None and stand_in:
+        stop = stand_in_stop(run)
     if stop is not None:
-        yield "stop", dict(stop)
+        yield "stop", stop

@@ -12,7 +12,8 @@ from typing import Any
 
 from ._errors import AnalysisStoreError, RunNotFoundError
 from ._reduction import ReductionPlan, RunReduction
-from ._replay import count_events, replay_run
+from ._replay import count_events, replay_run, stop_document
+from ._store import ChildRun
 
 __all__ = ["ReprocessReport", "code_versions", "reprocess"]
 
@@ -31,6 +32,11 @@ class ReprocessReport:
     """raw uid -> uid of the child run already made by the same code"""
     failed: dict[str, str] = field(default_factory=dict)
     """raw uid -> why no child run was saved"""
+    incomplete: dict[str, str] = field(default_factory=dict)
+    """raw uid -> what was done with a raw run that has no stop document"""
+    not_counted: dict[str, dict[str, str]] = field(default_factory=dict)
+    """raw uid -> {earlier child uid: its status}: children made by the same code that do
+    not count as a reduction (incomplete, failed, or with failed events)"""
 
     def __str__(self) -> str:
         lines = [
@@ -38,6 +44,12 @@ class ReprocessReport:
             f"{len(self.failed)} failed"
         ]
         lines += [f"  failed {uid}: {why}" for uid, why in self.failed.items()]
+        lines += [f"  incomplete raw run {uid}: {what}" for uid, what in self.incomplete.items()]
+        for raw_uid, children in self.not_counted.items():
+            lines += [
+                f"  earlier child {child_uid} of {raw_uid} is {status}: not counted as reduced"
+                for child_uid, status in children.items()
+            ]
         return "\n".join(lines)
 
 
@@ -77,12 +89,17 @@ def _raw_uids(client: Any, uids_or_query: Any) -> list[str]:
     return list(client.search(uids_or_query))
 
 
-def _already_reduced(store: Any, raw_uid: str, versions: list[tuple[str, str, str]]) -> str | None:
+def _same_code_children(
+    store: Any, raw_uid: str, versions: list[tuple[str, str, str]]
+) -> list[ChildRun]:
+    """The children of ``raw_uid`` made by the same code, newest first, each with its
+    status (a child without a stop document is listed too)."""
+    children = []
     for child_uid in store.children(raw_uid):
         child = store[child_uid]
         if code_versions(child.start.get("provenance", {}).get("code", [])) == versions:
-            return child_uid
-    return None
+            children.append(ChildRun.from_start(child_uid, child.start, stop_document(child)))
+    return children
 
 
 def reprocess(
@@ -108,6 +125,18 @@ def reprocess(
     overwritten: new code gives a new child run beside the old one. A run whose data cannot
     be read is reported in the result and skipped, and the batch goes on. ``progress``
     shows bars over runs and events (default: when stderr is a terminal).
+
+    Only a child that :attr:`ChildRun.succeeded` counts as "already reduced": one with a
+    stop document, exit status ``"success"`` and no failed event. An incomplete child (no
+    stop: its process died, or it is still being written), a failed or aborted one, or one
+    with any failed event never blocks a new reduction; the report lists it in
+    ``not_counted``.
+
+    A raw run without a stop document (its scan is still running, or was interrupted) is
+    reduced as far as its saved events go, and listed in ``incomplete``; its child run's
+    stop says ``exit_status "fail"`` with the reason that the raw run is incomplete, so it
+    never counts as a reduction of the raw run and the next ``reprocess`` reduces it again,
+    with whatever events have been saved by then.
     """
     from tqdm.auto import tqdm
 
@@ -121,12 +150,22 @@ def reprocess(
         progress = sys.stderr.isatty()
     report = ReprocessReport()
     for raw_uid in tqdm(raw_uids, desc="runs", unit="run", disable=not progress):
-        if not force and (existing := _already_reduced(store, raw_uid, versions)):
-            report.skipped[raw_uid] = existing
-            logger.info("run %s already reduced by this code as %s; skipped", raw_uid, existing)
+        earlier = _same_code_children(store, raw_uid, versions)
+        if not force and (done := [child for child in earlier if child.succeeded]):
+            report.skipped[raw_uid] = done[0]
+            logger.info("run %s already reduced by this code as %s; skipped", raw_uid, done[0])
             continue
+        if not_counted := {child: child.status for child in earlier if not child.succeeded}:
+            report.not_counted[raw_uid] = dict(not_counted)
+            logger.info(
+                "run %s: earlier children by this code do not count as reduced (%s)",
+                raw_uid,
+                "; ".join(f"{uid} {status}" for uid, status in not_counted.items()),
+            )
         try:
-            report.saved[raw_uid] = _reprocess_one(client, raw_uid, plan, store, progress, tqdm)
+            report.saved[raw_uid] = _reprocess_one(
+                client, raw_uid, plan, store, progress, tqdm, report
+            )
         except Exception as error:
             report.failed[raw_uid] = f"{type(error).__name__}: {error}"
             logger.error("run %s not reprocessed: %s", raw_uid, error)
@@ -135,24 +174,31 @@ def reprocess(
 
 
 def _reprocess_one(
-    client: Any, raw_uid: str, plan: ReductionPlan, store: Any, progress: bool, tqdm: Any
+    client: Any,
+    raw_uid: str,
+    plan: ReductionPlan,
+    store: Any,
+    progress: bool,
+    tqdm: Any,
+    report: ReprocessReport,
 ) -> str:
     try:
         run = client[raw_uid]
     except KeyError:
         raise RunNotFoundError(f"no run {raw_uid!r} in the source catalog") from None
+    complete = stop_document(run) is not None
     documents: list[tuple[str, dict[str, Any]]] = []
     reduction = RunReduction(plan, lambda name, doc: documents.append((name, doc)))
     bar = tqdm(
         total=count_events(run), desc=raw_uid[:8], unit="event", leave=False, disable=not progress
     )
     try:
-        for name, doc in replay_run(run):
+        events = 0
+        for name, doc in replay_run(run, stand_in=True):
             reduction(name, doc)
             if name == "event":
+                events += 1
                 bar.update()
-        if run.stop is None:
-            raise AnalysisStoreError("the raw run has no stop document (still running, or lost)")
         unreadable = [f for f in reduction.failures if f["stage"] == _LOADING_STAGE]
         if unreadable:
             raise AnalysisStoreError(f"raw data could not be loaded: {unreadable[0]['error']}")
@@ -165,6 +211,12 @@ def _reprocess_one(
     # The child run reaches the store only once it is complete: a failed run leaves nothing.
     for name, doc in documents:
         store(name, doc)
+    if not complete:
+        report.incomplete[raw_uid] = (
+            f"no stop document (still running, or interrupted): replayed the {events} events "
+            f"saved so far; child run {reduction.child_uid} is marked exit_status 'fail'"
+        )
+        logger.info("raw run %s: %s", raw_uid, report.incomplete[raw_uid])
     return reduction.child_uid or ""
 
 

@@ -17,7 +17,7 @@ from ._errors import AnalysisStoreError, ProvenanceError
 from ._provenance import code_record, resolve_code_name, sha256_of_file
 from ._reducers import FunctionReducer, Reducer
 from ._reduction import ReductionPlan, RunReduction
-from ._replay import count_events, replay_run
+from ._replay import count_events, replay_run, stop_document, stream_lengths
 
 __all__ = ["Difference", "ReproduceReport", "reproduce"]
 
@@ -53,11 +53,15 @@ class ReproduceReport:
     difference: Difference | None = None
     code_changes: list[str] = field(default_factory=list)
     file_changes: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    """Runs without a stop document met on the way: the child, or a parent."""
 
     def __str__(self) -> str:
+        notes = [f"  incomplete: {note}" for note in self.incomplete]
         if self.identical:
-            return f"child run {self.child_uid} reproduced: {self.events_compared} events identical"
-        lines = [f"child run {self.child_uid} NOT reproduced"]
+            first = f"child run {self.child_uid} reproduced: {self.events_compared} events identical"
+            return "\n".join([first, *notes])
+        lines = [f"child run {self.child_uid} NOT reproduced", *notes]
         lines += [f"  input file changed: {c}" for c in self.file_changes]
         lines += [f"  code changed: {c}" for c in self.code_changes]
         if self.difference is not None:
@@ -132,6 +136,11 @@ def reproduce(
     ``allow_changed_code``. Input files are checked against their sha256. Parents are read
     from ``source`` (a tiled client or :class:`AnalysisStore`; default: ``store``) and
     replayed through the live pipeline. Arrays are compared exactly (value, dtype, shape).
+
+    A child without a stop document (interrupted while it was written) is compared as far
+    as it goes: a re-run that makes more events than it holds does not reproduce it. A
+    parent without one is re-run up to its last saved event. Both are named in the report's
+    ``incomplete``.
     """
     from tqdm.auto import tqdm
 
@@ -141,6 +150,10 @@ def reproduce(
     if not provenance:
         raise ProvenanceError(f"run {child_uid} has no provenance record")
     report = ReproduceReport(child_uid)
+    if stop_document(child) is None:
+        report.incomplete.append(
+            f"child run {child_uid} has no stop document (interrupted?): compared as far as it goes"
+        )
 
     for record in provenance.get("files", []):
         path = record["path"]
@@ -175,7 +188,13 @@ def reproduce(
         if progress is None:
             progress = sys.stderr.isatty()
         for parent in parents:
-            _compare_with_rerun(client[parent["uid"]], child, plan, report, progress, tqdm)
+            raw = client[parent["uid"]]
+            if stop_document(raw) is None:
+                report.incomplete.append(
+                    f"parent run {parent['uid']} has no stop document (interrupted?): "
+                    "re-run up to its last saved event"
+                )
+            _compare_with_rerun(raw, child, plan, report, progress, tqdm)
     report.identical = (
         not report.file_changes and report.difference is None and (not report.code_changes)
     )
@@ -190,6 +209,7 @@ class _Comparison:
         self._child = child
         self._report = report
         self._streams = set(child)
+        self._lengths = stream_lengths(child)
         self._descriptor_streams: dict[str, str] = {}
         self.counts: dict[str, int] = {}
 
@@ -208,6 +228,9 @@ class _Comparison:
         self._report.events_compared += 1
         if stream not in self._streams:
             return self._differ(stream, None, seq_num, "the saved child run has no such stream")
+        rows = self._lengths[stream]
+        if seq_num > rows:  # first: an interrupted child's stream may not even have columns
+            return self._differ(stream, None, seq_num, f"the saved stream has only {rows} events")
         saved_stream = self._child[stream]
         saved_keys = set(saved_stream) - {"seq_num", "time"} - {f"ts_{k}" for k in event["data"]}
         if saved_keys != set(event["data"]):
@@ -217,9 +240,6 @@ class _Comparison:
                 seq_num,
                 f"keys differ: saved {sorted(saved_keys)}, re-run {sorted(event['data'])}",
             )
-        rows = len(saved_stream["seq_num"])
-        if seq_num > rows:
-            return self._differ(stream, None, seq_num, f"the saved stream has only {rows} events")
         for key, value in event["data"].items():
             saved = np.asarray(saved_stream[key][seq_num - 1])
             fresh = np.asarray(value)
@@ -231,7 +251,7 @@ class _Comparison:
         if self._report.difference is not None:
             return
         for stream in sorted(self._streams):
-            saved = len(self._child[stream]["seq_num"])
+            saved = self._lengths[stream]
             fresh = self.counts.get(stream, 0)
             if saved != fresh:
                 self._differ(stream, None, None, f"saved {saved} events, re-run made {fresh}")
@@ -266,12 +286,12 @@ def _compare_with_rerun(
     comparison = _Comparison(child, report)
     reduction = RunReduction(plan, comparison)
     with tqdm(total=count_events(raw), desc="reproduce", unit="event", disable=not progress) as bar:
-        for name, doc in replay_run(raw):
+        for name, doc in replay_run(raw, stand_in=True):
             reduction(name, doc)
             if name == "event":
                 bar.update()
     if failures := [f for f in reduction.failures if "seq_num" in f]:
-        saved_failed = (child.stop or {}).get("reduction", {}).get("events_failed", 0)
+        saved_failed = (stop_document(child) or {}).get("reduction", {}).get("events_failed", 0)
         if len(failures) != saved_failed and report.difference is None:
             first = failures[0]
             report.difference = Difference(

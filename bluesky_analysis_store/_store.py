@@ -78,28 +78,76 @@ def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]])
 
 
 class ChildRun(str):
-    """The uid of a derived run (usable wherever a uid is), with when it started and the
-    code that made it: ``[{"name": "module:qualname", "version": ...}, ...]``."""
+    """The uid of a derived run (usable wherever a uid is), with when it started, the code
+    that made it (``[{"name": "module:qualname", "version": ...}, ...]``) and how it ended.
+
+    ``complete`` is whether the run has a stop document: a child without one is still being
+    written, or its process died before it was closed. ``exit_status`` and ``reason`` come
+    from the stop (None without one); ``events_reduced`` and ``events_failed`` from the
+    stop's ``reduction`` record (None where the stop has none, as for a run from
+    :meth:`AnalysisStore.save`). :attr:`succeeded` says whether the child is a whole,
+    faultless reduction.
+    """
 
     time: float
     code: list[dict[str, Any]]
+    complete: bool
+    exit_status: str | None
+    reason: str | None
+    events_reduced: int | None
+    events_failed: int | None
 
     @classmethod
-    def from_start(cls, uid: str, start: Mapping[str, Any]) -> ChildRun:
+    def from_start(
+        cls, uid: str, start: Mapping[str, Any], stop: Mapping[str, Any] | None = None
+    ) -> ChildRun:
         child = cls(uid)
         child.time = float(start.get("time", 0.0))
         child.code = [
             {"name": c.get("name"), "version": c.get("version")}
             for c in start.get("provenance", {}).get("code", [])
         ]
+        child.complete = bool(stop)
+        stop = stop or {}
+        child.exit_status = stop.get("exit_status")
+        child.reason = stop.get("reason") or None
+        reduction = stop.get("reduction") or {}
+        child.events_reduced = cls._count(reduction.get("events_reduced"))
+        child.events_failed = cls._count(reduction.get("events_failed"))
         return child
+
+    @staticmethod
+    def _count(value: Any) -> int | None:
+        return int(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether this child is a whole, faultless reduction of its parent: it has a stop
+        document, its exit status is ``"success"`` and its stop records no failed event
+        (``events_failed`` is 0, or absent for a run saved without a reduction record).
+        A child with even one failed event is worth redoing, so it does not count."""
+        return self.complete and self.exit_status == "success" and not self.events_failed
+
+    @property
+    def status(self) -> str:
+        """How the child ended, in words: ``success``, ``fail (reason)``, ``success, 2 of
+        5 events failed``, ``incomplete (no stop)``."""
+        if not self.complete:
+            return "incomplete (no stop)"
+        text = str(self.exit_status)
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.events_failed:
+            total = self.events_failed + (self.events_reduced or 0)
+            text += f", {self.events_failed} of {total} events failed"
+        return text
 
     @property
     def code_versions(self) -> str:
         return ", ".join(f"{c['name']} {c['version']}" for c in self.code)
 
     def __repr__(self) -> str:
-        return f"ChildRun({str(self)!r}, code={self.code_versions!r})"
+        return f"ChildRun({str(self)!r}, code={self.code_versions!r}, status={self.status!r})"
 
 
 class AnalysisStore:
@@ -315,14 +363,15 @@ class AnalysisStore:
 
     def children(self, parent_uid: str) -> list[ChildRun]:
         """The runs derived from ``parent_uid``, newest first: their uids, each carrying the
-        start time and the code (names and versions) that made it."""
+        start time, the code (names and versions) that made it and how it ended
+        (:class:`ChildRun`). Incomplete children (no stop document) are listed too."""
         from tiled.queries import Contains
 
         # TiledWriter keeps the start document under the run's "start" metadata; Contains is a
         # substring match on the JSON text, so membership is checked again here.
         results = self._client.search(Contains("start.parent_uids", parent_uid))
         children = [
-            ChildRun.from_start(uid, run.start)
+            ChildRun.from_start(uid, run.start, run.metadata.get("stop"))
             for uid, run in results.items()
             if parent_uid in (run.start.get("parent_uids") or ())
         ]

@@ -259,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     reprocess = add(
         "reprocess",
         "reduce saved raw runs again with the given reducers and save the child runs into the "
-        "store; runs already reduced by the same code are skipped",
+        "store; runs already reduced by the same code are skipped (only a child with a stop "
+        "document, exit status success and no failed event counts: an incomplete or failed "
+        "child is redone); a raw run without a stop document (interrupted, or still running) "
+        "is reduced up to its last saved event, and its child is marked exit status fail",
         cmd_reprocess,
     )
     reprocess.add_argument(

@@ -1,4 +1,8 @@
-"""Describing runs for ``ls`` and ``show``: summaries and records, printed as text or JSON."""
+"""Describing runs for ``ls`` and ``show``: summaries and records, printed as text or JSON.
+
+A run may have no stop document (its scan still runs, or its process died before the stop
+was saved): it is described as incomplete, with the events saved so far, never as an error.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .._replay import stop_document, stream_lengths
+from .._store import ChildRun
 from ._opening import MIN_UID_PREFIX
 
 _NOT_DATA_KEYS = frozenset({"seq_num", "time"})
 _TEXT_VALUE_WIDTH = 100
+_STATUS_REASON_WIDTH = 60
+_SHOWN_FAILURES = 3
+INCOMPLETE_TEXT = "no stop document: the run is incomplete (interrupted?)"
 
 
 # --- output helpers -----------------------------------------------------------------------
@@ -77,10 +86,23 @@ def _version_text(record: Mapping[str, Any]) -> str:
     return version + (" (dirty)" if record.get("dirty") else "")
 
 
+def _status(uid: str, start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> str:
+    """How the run ended in a few words: ``success``, ``fail (reason)``, ``success, 2 of 5
+    events failed``, ``incomplete (no stop)``; a long reason is cut short."""
+    if stop and stop.get("reason"):
+        stop = {**stop, "reason": _short(str(stop["reason"]), _STATUS_REASON_WIDTH)}
+    return ChildRun.from_start(uid, start, stop).status
+
+
 def run_summary(uid: str, run: Any) -> dict[str, Any]:
-    """One run in a line of ``ls``: when, raw or derived, what made it, how it ended."""
+    """One run in a line of ``ls``: when, raw or derived, what made it, how it ended.
+
+    ``status`` says how it ended; a run without a stop document is ``incomplete (no
+    stop)``, with ``exit_status`` None and ``events_saved``, the events saved so far, per
+    stream.
+    """
     start = run.start
-    stop = run.stop
+    stop = stop_document(run)
     summary: dict[str, Any] = {
         "uid": uid,
         "time": start.get("time"),
@@ -91,9 +113,13 @@ def run_summary(uid: str, run: Any) -> dict[str, Any]:
         "parent_uids": list(start.get("parent_uids") or []),
         "files": [f.get("path") for f in (start.get("provenance") or {}).get("files") or []],
         "code": _code_summaries(start),
+        "complete": stop is not None,
+        "status": _status(uid, start, stop),
         "exit_status": stop.get("exit_status") if stop else None,
         "num_events": dict(stop.get("num_events") or {}) if stop else {},
     }
+    if stop is None:
+        summary["events_saved"] = stream_lengths(run)
     return summary
 
 
@@ -110,10 +136,11 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         what = summary["plan_name"] or "(no plan name)"
         if summary["scan_id"] is not None:
             what += f" (scan_id {summary['scan_id']})"
-    status = summary["exit_status"]
-    if status is None:
-        what += " [no stop document]"
-    elif status != "success":
+    status = summary["status"]
+    if not summary["complete"]:
+        saved = sum(summary["events_saved"].values())
+        status += f", {saved} event{'s' if saved != 1 else ''} saved"
+    if status != "success":
         what += f" [{status}]"
     return f"{summary['uid']}  {_format_time(summary['time'])}  {summary['kind']:<7}  {what}"
 
@@ -127,9 +154,10 @@ def data_keys(node: Any) -> list[str]:
     ]
 
 
-def _streams(run: Any) -> dict[str, Any]:
+def _streams(run: Any, stop: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Each stream's keys and event count: the stop's, or without one the rows saved."""
     streams: dict[str, Any] = {}
-    stop = run.stop or {}
+    saved = stream_lengths(run) if stop is None else {}
     for name in run:
         node = run[name]
         keys = {}
@@ -140,22 +168,28 @@ def _streams(run: Any) -> dict[str, Any]:
                 "shape": list(shape) if shape is not None else None,
                 "dtype": str(getattr(item, "dtype", "?")),
             }
-        events = (stop.get("num_events") or {}).get(name)
+        events = saved[name] if stop is None else (stop.get("num_events") or {}).get(name)
         streams[name] = {"events": events, "keys": keys}
     return streams
 
 
 def show_record(uid: str, run: Any) -> dict[str, Any]:
-    """Everything ``show`` tells about a run: metadata, provenance and streams."""
+    """Everything ``show`` tells about a run: metadata, provenance, how it ended, streams.
+
+    ``stop`` is None for a run without a stop document (``complete`` False); its streams'
+    ``events`` are then the rows saved so far.
+    """
     start = _plain(run.start)
+    stop = stop_document(run)
     return {
         "uid": uid,
         "kind": _kind(start),
         "time_iso": _iso_time(start.get("time")),
+        "complete": stop is not None,
         "start": start,
         "provenance": start.get("provenance"),
-        "stop": _plain(run.stop) if run.stop else None,
-        "streams": _streams(run),
+        "stop": _plain(stop) if stop is not None else None,
+        "streams": _streams(run, stop),
     }
 
 
@@ -209,6 +243,34 @@ def _print_provenance(provenance: Mapping[str, Any]) -> None:
         print(f"  MISSING: {gap}")
 
 
+def _print_reduction(reduction: Mapping[str, Any]) -> None:
+    """The child's reduction record: its counts and its first failures."""
+    counts = {
+        key: "?" if reduction.get(key) is None else reduction[key]
+        for key in ("events_reduced", "events_failed")
+    }
+    notes = []
+    if reduction.get("interrupted"):
+        notes.append("interrupted")
+    if reduction.get("raw_exit_status") not in (None, "success"):
+        notes.append(f"the raw run's exit status: {reduction['raw_exit_status']}")
+    print(
+        f"  reduction: {counts['events_reduced']} events reduced, "
+        f"{counts['events_failed']} failed" + (f" ({'; '.join(notes)})" if notes else "")
+    )
+    failures = list(reduction.get("failures") or [])
+    for failure in failures[:_SHOWN_FAILURES]:
+        where = ", ".join(
+            f"{k} {failure[k]}" for k in ("stream", "seq_num") if failure.get(k) is not None
+        )
+        print(
+            f"    failed{' at ' + where if where else ''} while {failure.get('stage', '?')}: "
+            + _short(str(failure.get("error", "?")))
+        )
+    if len(failures) > _SHOWN_FAILURES:
+        print(f"    ... {len(failures) - _SHOWN_FAILURES} more failures recorded")
+
+
 def print_show(record: Mapping[str, Any]) -> None:
     """A :func:`show_record` as text."""
     start = record["start"]
@@ -216,12 +278,13 @@ def print_show(record: Mapping[str, Any]) -> None:
     print(f"run {record['uid']} ({record['kind']})")
     print(f"  time: {_format_time(start.get('time'))}")
     if stop:
-        print(
-            f"  exit status: {stop.get('exit_status')}"
-            + (f" ({stop['reason']})" if stop.get("reason") else "")
-        )
+        print(f"  exit status: {stop.get('exit_status')}")
+        if stop.get("reason"):
+            print(f"  reason: {stop['reason']}")
+        if stop.get("reduction"):
+            _print_reduction(stop["reduction"])
     else:
-        print("  exit status: none (no stop document)")
+        print(f"  {INCOMPLETE_TEXT}")
     print("start metadata:")
     for key, value in start.items():
         if key in ("uid", "time", "provenance"):
@@ -236,7 +299,10 @@ def print_show(record: Mapping[str, Any]) -> None:
         print("  (none)")
     for name, stream in record["streams"].items():
         events = stream["events"]
-        print(f"  {name}" + (f" ({events} events)" if events is not None else ""))
+        if not stop:
+            print(f"  {name} ({events} events saved so far)")
+        else:
+            print(f"  {name}" + (f" ({events} events)" if events is not None else ""))
         width = max((len(k) for k in stream["keys"]), default=0)
         for key, info in stream["keys"].items():
             shape = tuple(info["shape"]) if info["shape"] is not None else "?"
