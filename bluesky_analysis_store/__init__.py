@@ -4,10 +4,13 @@ from ._callback import AnalysisStoreCallback
 from ._composer import RunComposer, compose_documents
 from ._errors import (
     AnalysisStoreError,
+    AssetExistsError,
     AssetLocationError,
     DataKeyError,
     DataValueError,
+    DiskFullError,
     FormatRegistryError,
+    FrameWriteError,
     IngestError,
     MetadataError,
     ProvenanceError,
@@ -21,7 +24,7 @@ from ._reprocess import ReprocessReport, reprocess
 from ._reproduce import ReproduceReport, reproduce
 from ._store import STORE_ENV, AnalysisStore
 from ._writer_specs import DATA_ROOT_ENV
-from .formats import FileFormat, FormatRegistry, Handler, Writer, formats
+from .formats import FileFormat, FormatRegistry, Handler, RewindableWriter, Writer, formats
 
 __all__ = [
     # Live and offline reduction
@@ -44,6 +47,7 @@ __all__ = [
     "FileFormat",
     "FormatRegistry",
     "Handler",
+    "RewindableWriter",
     "Writer",
     "formats",
     # Configuration
@@ -51,10 +55,13 @@ __all__ = [
     "STORE_ENV",
     # Errors
     "AnalysisStoreError",
+    "AssetExistsError",
     "AssetLocationError",
     "DataKeyError",
     "DataValueError",
+    "DiskFullError",
     "FormatRegistryError",
+    "FrameWriteError",
     "IngestError",
     "MetadataError",
     "ProvenanceError",

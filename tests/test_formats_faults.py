@@ -23,8 +23,13 @@ import numpy as np
 import pytest
 from _helpers import assert_same_array, docs_named, validate
 
-from bluesky_analysis_store import AnalysisStore, AnalysisStoreError, RunComposer
-from bluesky_analysis_store._errors import AssetExistsError, FrameWriteError
+from bluesky_analysis_store import (
+    AnalysisStore,
+    AnalysisStoreError,
+    AssetExistsError,
+    FrameWriteError,
+    RunComposer,
+)
 from bluesky_analysis_store._writer_specs import resolve_writers
 from bluesky_analysis_store.formats import (
     HDF5_FORMAT,
@@ -518,7 +523,7 @@ FILL_UP = FRAME + textwrap.dedent(
     """
     import os, sys
     from bluesky_analysis_store import AnalysisStoreError
-    from bluesky_analysis_store._errors import DiskFullError
+    from bluesky_analysis_store import DiskFullError
     from bluesky_analysis_store.formats import _safe_writing, formats, hdf5
 
     name, path, filler, check = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
