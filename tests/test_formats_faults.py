@@ -55,7 +55,7 @@ FRAME = textwrap.dedent(
     """
 )
 namespace: dict = {}
-exec(FRAME, namespace)  # noqa: S102 - the same definition the child processes run
+exec(FRAME, namespace)  # the very definition the child processes run
 frame = namespace["frame"]
 
 CHILD_TIMEOUT = 120  # a hung child fails the test instead of hanging the suite
