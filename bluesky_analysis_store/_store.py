@@ -195,11 +195,14 @@ class AnalysisStore:
         ``path`` defaults to ``$BLUESKY_ANALYSIS_STORE``, else ``./analysis-store``. Derived
         files go under ``<path>/assets``; ``readable`` adds folders whose files the store may
         also serve (raw data referenced by runs saved here); they are remembered in
-        ``<path>/store.json`` for later opens.
+        ``<path>/store.json`` for later opens. Several processes may open one folder and
+        write to it: their requests take turns on ``<path>/write.lock``.
         """
         from tiled.catalog import from_uri
         from tiled.client import Context, from_context
         from tiled.server.app import build_app
+
+        from ._catalog_lock import CatalogLock, lock_client
 
         location = os.fspath(path) if path is not None else default_store_location()
         if location.startswith(("http://", "https://")):
@@ -208,17 +211,21 @@ class AnalysisStore:
         assets = folder / "assets"
         assets.mkdir(parents=True, exist_ok=True)
         (folder / "data").mkdir(exist_ok=True)
-        readable_roots = [str(assets), *_remember_readable(folder, readable)]
-        adapter = from_uri(
-            f"sqlite:///{folder / 'catalog.db'}",
-            # Creating a catalog runs a subprocess (seconds); reopening one need not.
-            init_if_not_exists=not (folder / "catalog.db").is_file(),
-            specs=_CATALOG_SPECS,
-            writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
-            readable_storage=readable_roots,
-        )
+        # Every process that opens the folder writes its SQLite files: one at a time.
+        catalog_lock = CatalogLock(folder)
+        with catalog_lock.held():  # two processes may create the catalog at once
+            readable_roots = [str(assets), *_remember_readable(folder, readable)]
+            adapter = from_uri(
+                f"sqlite:///{folder / 'catalog.db'}",
+                # Creating a catalog runs a subprocess (seconds); reopening one need not.
+                init_if_not_exists=not (folder / "catalog.db").is_file(),
+                specs=_CATALOG_SPECS,
+                writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
+                readable_storage=readable_roots,
+            )
         app = build_app(adapter, serialization_registry=_serialization_registry())
         client = from_context(Context.from_app(app))
+        lock_client(client, catalog_lock)
         store = cls(
             client,
             asset_root=assets,
