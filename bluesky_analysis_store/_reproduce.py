@@ -59,8 +59,8 @@ class ReproduceReport:
     def __str__(self) -> str:
         notes = [f"  incomplete: {note}" for note in self.incomplete]
         if self.identical:
-            first = f"child run {self.child_uid} reproduced: {self.events_compared} events identical"
-            return "\n".join([first, *notes])
+            first = f"child run {self.child_uid} reproduced: {self.events_compared} events"
+            return "\n".join([first + " identical", *notes])
         lines = [f"child run {self.child_uid} NOT reproduced", *notes]
         lines += [f"  input file changed: {c}" for c in self.file_changes]
         lines += [f"  code changed: {c}" for c in self.code_changes]

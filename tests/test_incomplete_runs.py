@@ -10,6 +10,7 @@ count an incomplete or failed child as "already reduced".
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import pathlib
@@ -21,14 +22,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
+from ophyd.sim import SynAxis  # noqa: E402
 
+from _live import DocumentRecorder  # noqa: E402
 from _offline_reducers import scaled_total  # noqa: E402
 from bluesky_analysis_store import AnalysisStore, reprocess, reproduce  # noqa: E402
 from bluesky_analysis_store._reduction import ReductionPlan, RunReduction  # noqa: E402
 from bluesky_analysis_store._replay import STAND_IN_REASON, replay_run  # noqa: E402
 from bluesky_analysis_store._store import ChildRun  # noqa: E402
 from bluesky_analysis_store.cli import main  # noqa: E402
+from bluesky_analysis_store.sim import spot_camera  # noqa: E402
 
 EVENTS = 5
 KEPT = 2  # the events saved before the "crash"
@@ -103,8 +108,6 @@ def save_all(store: AnalysisStore, documents: Documents) -> str:
 @pytest.fixture(scope="module")
 def runs(store: AnalysisStore, RE_module, cam_module) -> dict[str, str]:
     """Raw runs and children, complete and not, in the module's store (made once)."""
-    from _live import DocumentRecorder
-
     recorder = DocumentRecorder()
     RE_module.subscribe(recorder)
 
@@ -117,6 +120,10 @@ def runs(store: AnalysisStore, RE_module, cam_module) -> dict[str, str]:
     uid = raw_run()
     save_without_stop(store, recorder.run(uid), KEPT)
     made["raw_incomplete"] = uid
+    # One killed right after its descriptor: a stream with no event at all.
+    uid = raw_run()
+    save_without_stop(store, recorder.run(uid), 0)
+    made["raw_no_events"] = uid
     # Complete raw runs, each with children of one kind.
     RE_module.subscribe(store)
     for kind in ("child_incomplete", "child_failed", "child_all_failed", "child_ok"):
@@ -144,11 +151,7 @@ def runs(store: AnalysisStore, RE_module, cam_module) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def RE_module():  # noqa: N802 - the name every bluesky user knows
-    """One RunEngine for the module's runs (made once)."""
-    import asyncio
-
-    from bluesky import RunEngine
-
+    """One RunEngine for the module's runs (conftest's ``RE`` is made for each test)."""
     loop = asyncio.new_event_loop()
     engine = RunEngine({}, loop=loop)
     yield engine
@@ -159,10 +162,6 @@ def RE_module():  # noqa: N802 - the name every bluesky user knows
 
 @pytest.fixture(scope="module")
 def cam_module(raw_folder: pathlib.Path):
-    from ophyd.sim import SynAxis
-
-    from bluesky_analysis_store.sim import spot_camera
-
     return spot_camera(SynAxis(name="motor"), str(raw_folder), shape=(16, 16))
 
 
@@ -292,6 +291,14 @@ def test_a_raw_run_without_stop_is_reduced_as_far_as_it_goes(store, runs):
     assert any(raw_uid in note for note in checked.incomplete)
 
 
+def test_a_raw_run_stopped_before_its_first_event_gives_an_empty_child(store, runs):
+    raw_uid = runs["raw_no_events"]
+    report = reprocess(store, raw_uid, [scaled_total], store, progress=False)
+    assert report.failed == {} and "replayed the 0 events" in report.incomplete[raw_uid]
+    child = store[report.saved[raw_uid]]
+    assert child.stop["exit_status"] == "fail" and child.stop["num_events"] == {}
+
+
 def test_reproduce_of_an_incomplete_child_is_not_a_crash(store, runs):
     report = reproduce(store, runs["child_incomplete"], progress=False)
     assert report.identical is False  # the re-run makes all 5 events; 2 were saved
@@ -311,6 +318,7 @@ def test_ls_lists_every_run_and_marks_the_incomplete(capsys, store, runs):
     assert f"[fail ({INTERRUPTED})]" in lines[runs["child_failed"]]
     assert f"{EVENTS} of {EVENTS} events failed]" in lines[runs["child_all_failed"]]
     assert "[" not in lines[runs["child_ok"]] and "[" not in lines[runs["raw_child_ok"]]
+    assert "[incomplete (no stop), 0 events saved]" in lines[runs["raw_no_events"]]
 
     status, out = cli(capsys, store, "ls", "--json", "--limit", "0")
     summaries = {s["uid"]: s for s in json.loads(out)}
@@ -333,6 +341,9 @@ def test_show_prints_what_an_incomplete_run_has(capsys, store, runs):
     assert "  no stop document: the run is incomplete (interrupted?)\n" in out
     assert f"  primary ({KEPT} events saved so far)\n" in out
     assert "    cam  shape (2, 16, 16)  dtype uint16" in out
+
+    status, out = cli(capsys, store, "show", runs["raw_no_events"])
+    assert status == 0 and "  primary (0 events saved so far)\n" in out
 
     status, out = cli(capsys, store, "show", runs["child_incomplete"], "--json")
     record = json.loads(out)
