@@ -396,6 +396,8 @@ class _ForwardingHandler(logging.Handler):
                 fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
             fields["processName"] = "analysis-worker"
             self._outbox.send([pickle.dumps(("log", fields))])
+        except OSError:
+            pass  # the callback's process is gone: nobody is left to show the record to
         except Exception:
             self.handleError(record)
 
@@ -421,7 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     inbox, outbox = MessagePipe(int(args[0]), "rb"), MessagePipe(int(args[1]), "wb")
 
     def tell(*message: Any) -> None:
-        outbox.send([pickle.dumps(message)])
+        try:
+            outbox.send([pickle.dumps(message)])
+        except OSError:
+            pass  # the callback's process is gone; the journal and the store remain
 
     root = logging.getLogger()
     root.handlers[:] = [_ForwardingHandler(outbox)]

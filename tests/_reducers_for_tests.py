@@ -160,3 +160,12 @@ def lowered_in_place(data: Mapping[str, Any]) -> dict:
     values = data["arr"]
     values -= 1.0
     return {"arr_min": float(values.min())}
+
+
+class SeqNumFrames(Reducer):
+    """A scalar and a frame that both say which raw event they came from: a child stream
+    that is shifted or has a row twice shows it."""
+
+    def event(self, stream: str, data: Mapping[str, Any], doc: Mapping[str, Any]) -> dict:
+        n = doc["seq_num"]
+        return {"y": float(n), "frame": np.full((16, 16), n, dtype=np.float32)}

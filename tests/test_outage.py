@@ -1,0 +1,212 @@
+"""Live scans through faults: the store's server stopped mid-scan (SIGTERM or SIGKILL) and
+started again, or not before the session ends; the scan's process or its worker killed.
+Afterwards every derived event is in the store exactly once, aligned with its raw event,
+or the child run is closed as failed with the reason; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from _faults import API_KEY, TiledServer
+from _reducers_for_tests import SeqNumFrames
+from bluesky.plans import count
+from ophyd.sim import det
+
+from bluesky_analysis_store import DATA_ROOT_ENV, AnalysisStore, AnalysisStoreCallback
+from bluesky_analysis_store._store import JOURNAL_ENV
+
+pytestmark = pytest.mark.slow
+
+POINTS = 20
+DEADLINE = 180.0  # seconds a fault's aftermath may take at most here, not a measured time
+SCRIPT = Path(__file__).with_name("_scan_in_subprocess.py")
+
+
+def assert_every_event_once_and_aligned(store: AnalysisStore, child_uid: str, events: int):
+    run = store[child_uid]
+    primary = run["primary"]
+    parent_seq = primary["parent_seq_num"].read()
+    np.testing.assert_array_equal(parent_seq, np.arange(1, events + 1))
+    np.testing.assert_array_equal(primary["y"].read(), parent_seq.astype(float))
+    frames = primary["frame"].read()
+    assert frames.shape == (events, 16, 16)
+    for i, n in enumerate(parent_seq):
+        assert (frames[i] == n).all(), f"row {i}: the frame of raw event {frames[i, 0, 0]}"
+    assert run.metadata["stop"]["num_events"] == {"primary": events}
+
+
+def wait_until_gone(pid: int, deadline: float = DEADLINE) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a child of this process: reap it
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
+    server = TiledServer(tmp_path_factory.mktemp("tiled-outage"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "journal"
+    monkeypatch.setenv(JOURNAL_ENV, str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_server_stopped_mid_scan_and_started_again(RE, server, journal, sig):  # noqa: N803
+    store = AnalysisStore.from_uri(server.uri, API_KEY, asset_root=server.assets)
+    callback = AnalysisStoreCallback([SeqNumFrames()], store, stop_timeout=60)
+    RE.subscribe(callback)
+    raw: list[str] = []
+
+    def kill_at_the_fifth_event(name: str, doc: dict) -> None:
+        if name == "start":
+            raw.append(doc["uid"])
+        if name == "event" and doc["seq_num"] == 5:
+            threading.Thread(target=server.stop, args=(sig,)).start()
+
+    RE.subscribe(kill_at_the_fifth_event)
+    assert callback.flush(DEADLINE)  # the worker has opened the store
+    try:
+        RE(count([det], num=POINTS, delay=0.1))
+        # The scan did not wait for the server: it is started again only now.
+        server.start()
+        assert callback.flush(DEADLINE)
+        (child_uid,) = store.children(raw[0])
+        assert_every_event_once_and_aligned(store, child_uid, POINTS)
+        assert not list(journal.glob("*.journal"))
+    finally:
+        callback.close(timeout=DEADLINE)
+        if server.process is None:
+            server.start()
+
+
+def run_session(store: str, env: dict[str, str], points: int = POINTS, delay: float = 0.1):
+    # A file, not a pipe: a pipe nobody reads would block the worker that inherits it.
+    stderr = tempfile.TemporaryFile("w+")
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), store, API_KEY, str(points), str(delay)],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+        cwd=SCRIPT.parent,
+    )  # fmt: skip
+
+
+def read_until(process: subprocess.Popen, prefix: str) -> str:
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    process.stderr.seek(0)
+    raise AssertionError(f"the session ended before {prefix!r}: {process.stderr.read()}")
+
+
+def test_server_down_until_after_the_session_then_recover(server, journal):
+    env = {**os.environ, DATA_ROOT_ENV: str(server.assets), JOURNAL_ENV: str(journal)}
+    session = run_session(server.uri, env)
+    try:
+        read_until(session, "worker")
+        raw_uid = read_until(session, "raw")
+        read_until(session, "event")
+        server.stop(signal.SIGKILL)
+        read_until(session, "closed")
+        assert session.wait(DEADLINE) == 0
+    finally:
+        session.kill()
+        if server.process is None:
+            server.start()
+    store = AnalysisStore.from_uri(server.uri, API_KEY)
+    assert [p.name for p in journal.glob("*.journal")], "nothing was journaled"
+    result = subprocess.run(
+        [sys.executable, "-m", "bluesky_analysis_store", "recover", "--store", server.uri,
+         "--api-key", API_KEY],
+        capture_output=True, text=True, timeout=DEADLINE, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (child_uid,) = store.children(raw_uid)
+    assert_every_event_once_and_aligned(store, child_uid, POINTS)
+    assert not list(journal.glob("*.journal"))
+
+
+def test_sigkill_of_the_scans_process_leaves_no_orphan_and_a_closed_child(tmp_path):
+    folder = tmp_path / "store"
+    store = AnalysisStore.open(folder)
+    session = run_session(str(folder), dict(os.environ), points=200, delay=0.05)
+    try:
+        worker = int(read_until(session, "worker"))
+        read_until(session, "raw")
+        while int(read_until(session, "event")) < 20:
+            pass
+        session.kill()
+        session.wait()
+        assert wait_until_gone(worker), "the worker outlived the scan's process"
+    finally:
+        session.kill()
+    # Every derived file is readable by another process.
+    (path,) = Path(store.asset_root).rglob("*.h5")
+    with h5py.File(path, "r", swmr=True) as file:
+        frames_on_disk = file["data"].shape[0]
+    report = store.recover()
+    assert report.ok
+    (child,) = [uid for uid in store.client if store[uid].start.get("parent_uids")]
+    stop = store[child].metadata["stop"]
+    assert stop is not None and stop["exit_status"] == "fail"
+    assert stop["reason"].startswith("interrupted")
+    events = stop["num_events"]["primary"]
+    assert 0 < events <= frames_on_disk
+    assert_every_event_once_and_aligned(store, child, events)
+    assert not store.recover().delivered  # idempotent: nothing left to do
+
+
+def test_sigkill_of_the_worker_mid_scan_leaves_a_closed_child(RE, store):  # noqa: N803
+    callback = AnalysisStoreCallback([SeqNumFrames()], store, stop_timeout=30)
+    RE.subscribe(callback)
+    raw: list[str] = []
+    killed: list[int] = []
+
+    def kill_the_worker(name: str, doc: dict) -> None:
+        if name == "start":
+            raw.append(doc["uid"])
+        if name == "event" and doc["seq_num"] == 10 and callback.worker_pid:
+            # The worker has the first events by now: wait until they are journaled.
+            callback.flush(DEADLINE)
+            killed.append(callback.worker_pid)
+            os.kill(callback.worker_pid, signal.SIGKILL)
+
+    RE.subscribe(kill_the_worker)
+    try:
+        RE(count([det], num=POINTS, delay=0.05))
+        assert killed and wait_until_gone(killed[0])
+        report = store.recover()
+        assert report.ok
+        (child_uid,) = store.children(raw[0])
+        stop = store[child_uid].metadata["stop"]
+        assert stop["exit_status"] == "fail" and stop["reason"].startswith("interrupted")
+        assert_every_event_once_and_aligned(store, child_uid, stop["num_events"]["primary"])
+        assert stop["num_events"]["primary"] >= 10
+    finally:
+        callback.close(timeout=DEADLINE)
