@@ -149,3 +149,21 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+RECORD_ENV = "BAS_RELIABILITY_RECORD"
+"""When set, a file the fault tests append their outcomes to (see
+benchmarks/reliability_report.py, which writes docs/reliability.md from them)."""
+
+
+def record_outcome(scenario: str, fault: str, computed: int, delivered: int) -> None:
+    """Note what a fault test saw: events computed (journaled) and delivered to the store."""
+    import json
+
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    with open(path, "a") as file:
+        record = {"scenario": scenario, "fault": fault, "computed": computed,
+                  "delivered": delivered}  # fmt: skip
+        file.write(json.dumps(record) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _faults import API_KEY, CuttableProxy, TiledServer
+from _faults import API_KEY, CuttableProxy, TiledServer, record_outcome
 
 from bluesky_analysis_store import AnalysisStore, compose_documents
 from bluesky_analysis_store._delivery import Delivery, JournaledSink, deliver_documents
@@ -116,6 +116,9 @@ def test_a_failed_request_taints_only_its_run_and_it_is_delivered_again_whole(
         assert delivery.flush(DELIVERY_DEADLINE), cut_at
         assert delivery.healthy
         assert_complete_and_aligned(direct, uid, stop_uid)
+        record_outcome(
+            f"connection cut at the first {cut_at}", "connections dropped", EVENTS, EVENTS
+        )
         assert not list((tmp_path / cut_at).iterdir()), "the journal of a delivered run stays"
         delivery.close(DELIVERY_DEADLINE)
 

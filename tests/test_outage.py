@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from _faults import API_KEY, TiledServer
+from _faults import API_KEY, TiledServer, record_outcome
 from _reducers_for_tests import SeqNumFrames
 from bluesky.plans import count
 from ophyd.sim import det
@@ -34,7 +34,10 @@ DEADLINE = 180.0  # seconds a fault's aftermath may take at most here, not a mea
 SCRIPT = Path(__file__).with_name("_scan_in_subprocess.py")
 
 
-def assert_every_event_once_and_aligned(store: AnalysisStore, child_uid: str, events: int):
+def assert_every_event_once_and_aligned(
+    store: AnalysisStore, child_uid: str, events: int, *, scenario: str, fault: str
+) -> None:
+    """``events`` derived events were computed: each is in the store once, in its row."""
     run = store[child_uid]
     primary = run["primary"]
     parent_seq = primary["parent_seq_num"].read()
@@ -45,6 +48,7 @@ def assert_every_event_once_and_aligned(store: AnalysisStore, child_uid: str, ev
     for i, n in enumerate(parent_seq):
         assert (frames[i] == n).all(), f"row {i}: the frame of raw event {frames[i, 0, 0]}"
     assert run.metadata["stop"]["num_events"] == {"primary": events}
+    record_outcome(scenario, fault, computed=events, delivered=len(parent_seq))
 
 
 def wait_until_gone(pid: int, deadline: float = DEADLINE) -> bool:
@@ -99,7 +103,10 @@ def test_server_stopped_mid_scan_and_started_again(RE, server, journal, sig):  #
         server.start()
         assert callback.flush(DEADLINE)
         (child_uid,) = store.children(raw[0])
-        assert_every_event_once_and_aligned(store, child_uid, POINTS)
+        assert_every_event_once_and_aligned(
+            store, child_uid, POINTS, scenario="server stopped mid-scan, started again",
+            fault=signal.Signals(sig).name,
+        )  # fmt: skip
         assert not list(journal.glob("*.journal"))
     finally:
         callback.close(timeout=DEADLINE)
@@ -148,7 +155,10 @@ def test_server_down_until_after_the_session_then_recover(server, journal):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     (child_uid,) = store.children(raw_uid)
-    assert_every_event_once_and_aligned(store, child_uid, POINTS)
+    assert_every_event_once_and_aligned(
+        store, child_uid, POINTS, scenario="server down until after the session, then recover",
+        fault="SIGKILL",
+    )  # fmt: skip
     assert not list(journal.glob("*.journal"))
 
 
@@ -178,7 +188,10 @@ def test_sigkill_of_the_scans_process_leaves_no_orphan_and_a_closed_child(tmp_pa
     assert stop["reason"].startswith("interrupted")
     events = stop["num_events"]["primary"]
     assert 0 < events <= frames_on_disk
-    assert_every_event_once_and_aligned(store, child, events)
+    assert_every_event_once_and_aligned(
+        store, child, events, scenario="scan's process killed mid-scan, then recover",
+        fault="SIGKILL",
+    )  # fmt: skip
     assert not store.recover().delivered  # idempotent: nothing left to do
 
 
@@ -206,7 +219,10 @@ def test_sigkill_of_the_worker_mid_scan_leaves_a_closed_child(RE, store):  # noq
         (child_uid,) = store.children(raw[0])
         stop = store[child_uid].metadata["stop"]
         assert stop["exit_status"] == "fail" and stop["reason"].startswith("interrupted")
-        assert_every_event_once_and_aligned(store, child_uid, stop["num_events"]["primary"])
+        assert_every_event_once_and_aligned(
+            store, child_uid, stop["num_events"]["primary"],
+            scenario="worker killed mid-scan, then recover", fault="SIGKILL",
+        )  # fmt: skip
         assert stop["num_events"]["primary"] >= 10
     finally:
         callback.close(timeout=DEADLINE)
