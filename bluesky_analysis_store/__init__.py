@@ -17,7 +17,9 @@ from ._errors import (
     RunNotFoundError,
     WriterRootError,
 )
+from ._handover import Abandoned
 from ._ingest import ingest
+from ._plans import wait_for_derived, wait_for_derived_decorator, wait_for_derived_wrapper
 from ._provenance import code_record, environment_record, make_provenance
 from ._reducers import Reducer
 from ._reprocess import ReprocessReport, reprocess
@@ -29,6 +31,10 @@ from .formats import FileFormat, FormatRegistry, Handler, RewindableWriter, Writ
 __all__ = [
     # Live and offline reduction
     "AnalysisStoreCallback",
+    "Abandoned",
+    "wait_for_derived",
+    "wait_for_derived_decorator",
+    "wait_for_derived_wrapper",
     "Reducer",
     "ReprocessReport",
     "ReproduceReport",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -11,8 +12,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from ._errors import AnalysisStoreError
-from ._handover import RunWaiter, Worker
+from ._handover import Abandoned, RunWaiter, Worker, close_at_exit, wait_async
 from ._live_router import LiveRouter
+from ._plans import wait_for_derived_wrapper
 from ._reduction import OnError, ReductionPlan
 
 __all__ = ["AnalysisStoreCallback"]
@@ -23,40 +25,66 @@ Background = bool | Literal["process", "thread"]
 
 # How often a foreground callback's store is flushed while the scan waits.
 _FOREGROUND_FLUSH_SECONDS = 0.5
+# How long a callback that was dropped without close() may take to finish its work.
+_COLLECTED_CLOSE_SECONDS = 60.0
 
 
 class AnalysisStoreCallback:
     """Reduce each raw run live and save the derived data as a child run in ``store``.
 
-    ``RE.subscribe(AnalysisStoreCallback([my_reducer], store))``. ``reducers`` are plain
-    functions of one event's data (applied to ``streams``) or :class:`Reducer` instances.
-    Arrays they return are written to files (``writers`` maps a derived key to a format name,
-    or to ``None`` to keep it inline; other numeric arrays go to HDF5) under ``root``, by
-    default the store's asset folder; scalars go inline. ``md`` is added to every child
-    start document.
+    ``callback.subscribe(RE)`` (or ``RE.subscribe(callback)``, see below). ``reducers`` are
+    plain functions of one event's data (applied to ``streams``) or :class:`Reducer`
+    instances. Arrays they return are written to files (``writers`` maps a derived key to a
+    format name, or to ``None`` to keep it inline; other numeric arrays go to HDF5) under
+    ``root``, by default the store's asset folder; scalars go inline. ``md`` is added to
+    every child start document.
 
     Where the work happens, ``background``:
 
     - ``True`` (or ``"process"``; the default): in a worker process, started now, so that
       reduction and saving run on another core and never hold the RunEngine's interpreter
       lock. The reducers and the store are sent to it (the store is opened again there);
-      their log records come back and are logged here. If it ends unexpectedly, a new one
-      starts with the next run.
+      their log records come back and are logged here. If it ends unexpectedly (or cannot
+      start), a new one is started after 1 s, 2 s, 4 s ... (at most 60 s); the runs it had,
+      and runs that start before the new one is up, get no complete child run.
     - ``"thread"``: on a worker thread of this process.
-    - ``False``: on the RunEngine's thread, document by document.
+    - ``False`` (foreground): on the RunEngine's event loop, document by document. Each
+      event's reduction and saving then runs on the loop by design, between the plan's
+      messages; choose a background mode for anything slower than a few milliseconds.
 
     ``mode`` tells which of the three it is (``"process"``, ``"thread"`` or
     ``"foreground"``); ``worker_pid`` is the worker process's id.
 
-    In the background modes the RunEngine only queues documents, at most ``queue_size`` of
+    In the background modes the callback only queues documents, at most ``queue_size`` of
     them holding at most ``queue_bytes`` of array data (one document always fits); when the
-    queue is full the RunEngine waits (nothing is dropped). At a raw run's stop the RunEngine
-    waits until the child run is saved, for at most ``stop_timeout`` seconds (None: as long
-    as it takes).
+    queue is full the RunEngine waits (nothing is dropped, a warning says so): that is the
+    only time it blocks the RunEngine's loop. It never waits at a raw run's stop.
+
+    What ``RE(plan)`` returning guarantees:
+
+    - After ``callback.subscribe(RE)`` (the callback plus the :func:`wait_for_derived_wrapper`
+      preprocessor): for every raw run the plan closed, the child run is saved (complete,
+      with its stop document), or its worker ended and it is known lost (logged as an
+      error), or ``stop_timeout`` seconds passed (logged once as a warning; the derived data
+      goes on being saved in the background). The plan waits through bluesky's
+      ``wait_for`` message, so the RunEngine's loop runs meanwhile: Ctrl-C pauses the
+      wait (``RE.resume()`` waits again, ``RE.abort()`` stops waiting).
+    - After a plain ``RE.subscribe(callback)``: every document has been handed over, nothing
+      more. The child run is being saved in the background; ``callback.flush()`` waits for
+      it (blocking), ``yield from wait_for_derived(callback)`` in a plan waits on the loop,
+      ``await callback.derived_saved()`` from asyncio code.
+
+    The foreground mode is no different: there each event is reduced on the loop, but the
+    child run's documents are delivered to the store on a thread of their own.
 
     Failures never reach the RunEngine with ``on_error="record"``: they are logged with their
     traceback, counted and written into the child run's stop document. ``on_error="raise"``
     lets them propagate (for tests, with ``background=False``).
+
+    :meth:`close` finishes the queued work and stops the worker, returning what it had to
+    leave undone. A callback dropped without ``close()`` is closed when it is collected; at
+    interpreter exit every callback still open is closed within 60 s in all (whatever is
+    left then is logged as an error).
     """
 
     def __init__(
@@ -99,6 +127,12 @@ class AnalysisStoreCallback:
         self._closed = False
         self._worker: Worker | None = None
         self._router: LiveRouter | None = None
+        # Raw runs whose stop was handed over and whose child run is not known saved yet.
+        self._stopped: dict[str, None] = {}
+        self._late_reported: set[str] = set()
+        self._open_runs: dict[str, None] = {}
+        self._preprocessor: Any = None
+        self._tokens: dict[int, int] = {}
         if self.mode == "process":
             from ._worker_process import ProcessWorker
 
@@ -112,8 +146,8 @@ class AnalysisStoreCallback:
                 self.plan, store, queue_size=queue_size, queue_bytes=queue_bytes
             )
         else:
-            # The foreground delivers on a thread of its own too: waiting at a stop is the
-            # same wait for the child run as in the background modes.
+            # The foreground delivers on a thread of its own too: waiting for the child run
+            # is the same wait as in the background modes.
             self._foreground_runs = RunWaiter()
             self._router = LiveRouter(
                 self.plan, store, on_run_finished=self._foreground_runs.finished
@@ -126,6 +160,12 @@ class AnalysisStoreCallback:
                 name="analysis-store-flusher",
                 daemon=True,
             ).start()
+        self._work: Any = self._worker or _Foreground(self._router, self._open_runs)
+        if self._worker is None:
+            close_at_exit(self._work, "callback")
+        # Neither this nor the worker's threads hold the callback: dropping it closes them.
+        self._finalizer = weakref.finalize(self, _close_collected, self._work)
+        self._finalizer.atexit = False  # close_at_exit's hooks see to that, earlier
 
     @property
     def background(self) -> bool:
@@ -146,25 +186,92 @@ class AnalysisStoreCallback:
         if self._closed:
             logger.warning("the analysis callback is closed; %s document ignored", name)
             return
+        if name == "start":
+            self._open_runs[doc["uid"]] = None
+        elif name == "stop":
+            self._open_runs.pop(doc["run_start"], None)
         if self._worker is None:
             assert self._router is not None
             if name == "start":
                 self._foreground_runs.expect(doc["uid"])
             self._router(name, doc)
-            if name == "stop":
-                self._foreground_runs.wait(doc["run_start"], self.stop_timeout)
-            return
-        self._worker.submit(name, doc)
-        if name == "stop" and not self._worker.wait_for_run(doc["run_start"], self.stop_timeout):
-            logger.warning(
-                "derived data of run %s is not saved yet (stop_timeout %s s, or the worker "
-                "ended); the scan returns now",
-                doc["run_start"],
-                self.stop_timeout,
+        else:
+            self._worker.submit(name, doc)
+        if name == "stop":
+            # Not waited for here: this runs on the RunEngine's loop (see derived_saved).
+            runs = self._runs
+            for uid in [uid for uid in self._stopped if runs.outcome(uid) is not None]:
+                del self._stopped[uid]
+            self._stopped[doc["run_start"]] = None
+
+    @property
+    def _runs(self) -> RunWaiter:
+        return self._foreground_runs if self._worker is None else self._worker.runs
+
+    def _alive(self) -> bool:
+        return self._worker is None or self._worker.alive()
+
+    async def derived_saved(self, timeout: float | None = None) -> bool:
+        """Wait, without blocking the event loop, for the child runs of every raw run whose
+        stop this callback has been handed so far.
+
+        ``timeout`` defaults to ``stop_timeout``. Returns True when all are saved; False
+        when one was lost with its worker (logged as an error) or is still being saved
+        when ``timeout`` passed (logged once per run as a warning: it goes on in the
+        background). Cancelling it only stops the waiting.
+        """
+        if not self._stopped:
+            return True
+        uids = list(self._stopped)
+        timeout = self.stop_timeout if timeout is None else timeout
+        lost, late = await wait_async(self._runs, uids, timeout, self._alive)
+        for uid in uids:
+            if uid not in late:
+                self._stopped.pop(uid, None)
+        if lost:
+            logger.error(
+                "derived data of run(s) %s is not saved: the analysis worker ended first",
+                ", ".join(lost),
             )
+        unreported = [uid for uid in late if uid not in self._late_reported]
+        if unreported:
+            self._late_reported.update(unreported)
+            logger.warning(
+                "derived data of run(s) %s is not saved after %s s (stop_timeout); the "
+                "plan goes on and the derived data continues to be saved in the background",
+                ", ".join(unreported),
+                timeout,
+            )
+        return not lost and not late
+
+    def subscribe(self, RE: Any, *, timeout: float | None = None) -> int:  # noqa: N803
+        """``RE.subscribe(self)``, and make every plan ``RE`` runs wait for this callback's
+        child runs after each run it closes (a preprocessor in ``RE.preprocessors``), so
+        that ``RE(plan)`` returns once the derived data is saved, without blocking the
+        RunEngine's loop. ``timeout`` defaults to ``stop_timeout``. Returns the
+        subscription token; :meth:`unsubscribe` undoes both.
+        """
+        token = RE.subscribe(self)
+        if self._preprocessor is None:
+            self._preprocessor = functools.partial(
+                wait_for_derived_wrapper, callback=self, timeout=timeout
+            )
+        if self._preprocessor not in RE.preprocessors:
+            RE.preprocessors.append(self._preprocessor)
+        self._tokens[id(RE)] = token
+        return token
+
+    def unsubscribe(self, RE: Any) -> None:  # noqa: N803
+        """Undo :meth:`subscribe`."""
+        token = self._tokens.pop(id(RE), None)
+        if token is not None:
+            RE.unsubscribe(token)
+        if self._preprocessor in RE.preprocessors:
+            RE.preprocessors.remove(self._preprocessor)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every document handed over so far is reduced and saved.
+        """Wait until every document handed over so far is reduced and saved (this blocks:
+        not on the RunEngine's loop; in a plan, ``yield from wait_for_derived(callback)``).
 
         Returns False if ``timeout`` seconds passed first (or the worker ended).
         """
@@ -173,19 +280,24 @@ class AnalysisStoreCallback:
         assert self._router is not None
         return self._router.flush_store(timeout)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finish the queued work, then stop the worker. Runs still open stay unfinished."""
+    def close(self, timeout: float | None = None) -> Abandoned:
+        """Finish the queued work (within ``timeout`` seconds), then stop the worker.
+
+        Runs still open stay unfinished. Returns what was left undone (documents never
+        reduced, raw runs whose child run is unfinished); a warning lists it too.
+        """
         if self._closed:
-            return
+            return Abandoned()
         self._closed = True
-        if self._worker is not None:
-            self._worker.close(timeout)
-        else:
-            assert self._router is not None
-            self._router.close(
-                reason="interrupted: the analysis callback was closed before the raw run's stop",
-                timeout=timeout,
+        self._finalizer.detach()
+        abandoned = self._work.close(timeout)
+        if abandoned:
+            logger.warning(
+                "closing the analysis callback left %s (runs %s)",
+                abandoned,
+                ", ".join(abandoned.runs),
             )
+        return abandoned
 
     def __enter__(self) -> AnalysisStoreCallback:
         return self
@@ -209,6 +321,38 @@ def _mode(background: Background) -> str:
     raise AnalysisStoreError(
         f"background must be True, False, 'process' or 'thread', not {background!r}"
     )
+
+
+class _Foreground:
+    """What closing a foreground callback does: its work is done document by document."""
+
+    def __init__(self, router: LiveRouter, open_runs: dict[str, None]) -> None:
+        self._router = router
+        self._open_runs = open_runs
+        self._closed = False
+
+    def close(self, timeout: float | None) -> Abandoned:
+        if self._closed:
+            return Abandoned()
+        self._closed = True
+        open_runs = tuple(self._open_runs)
+        self._router.close(
+            reason="interrupted: the analysis callback was closed before the raw run's stop",
+            timeout=timeout,
+        )
+        return Abandoned(0, open_runs)
+
+
+def _close_collected(work: Any) -> None:
+    """Close the work of a callback that was collected without ``close()``, on a thread of
+    its own: the collection may happen on the RunEngine's loop."""
+
+    def close() -> None:
+        abandoned = work.close(_COLLECTED_CLOSE_SECONDS)
+        if abandoned:
+            logger.warning("an analysis callback was dropped unclosed; it left %s", abandoned)
+
+    threading.Thread(target=close, name="analysis-store-closer", daemon=True).start()
 
 
 def _flush_while_open(callback_ref: weakref.ref[AnalysisStoreCallback]) -> None:

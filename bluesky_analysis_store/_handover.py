@@ -1,5 +1,9 @@
 """Handing documents from the RunEngine's thread to a worker, and waiting for its results.
 
+:class:`RunWaiter` knows which raw runs' child runs are still being made; a thread waits for
+one with :meth:`RunWaiter.wait`, the RunEngine's event loop with :func:`wait_async`, which
+polls instead of blocking so that the loop goes on serving everything else meanwhile.
+
 :class:`DocumentQueue` is bounded twice, in documents and in bytes of array data: a count of
 documents alone lets a queue of megapixel frames hold gigabytes while the reduction lags
 behind the detector. When it is full the producer waits (nothing is dropped). The consumer
@@ -9,14 +13,25 @@ of it time the RunEngine's thread waits for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["DocumentQueue", "RunWaiter", "Worker", "array_bytes"]
+__all__ = [
+    "Abandoned",
+    "DocumentQueue",
+    "RunWaiter",
+    "Worker",
+    "array_bytes",
+    "close_at_exit",
+    "wait_async",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +39,35 @@ logger = logging.getLogger(__name__)
 _WAIT_WARNING_SECONDS = 10.0
 # How often a waiting thread checks that the worker it waits for is still there.
 _ALIVE_CHECK_SECONDS = 1.0
+# How often the event loop looks whether the runs it waits for are saved: often enough
+# that a scan's return is not noticeably delayed, rarely enough to cost nothing.
+_POLL_SECONDS = 0.02
+# At interpreter exit, how long all callbacks together may take to finish their work.
+EXIT_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """What closing left undone: documents never reduced, and raw runs whose child run
+    was not finished (still open, or stopped but not saved in time)."""
+
+    documents: int = 0
+    runs: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.documents or self.runs)
+
+    def __str__(self) -> str:
+        return f"{self.documents} documents not reduced, {len(self.runs)} child runs unfinished"
 
 
 class Worker(Protocol):
     """Where the callback's documents are reduced and saved, away from the RunEngine."""
+
+    runs: RunWaiter
+
+    def alive(self) -> bool:
+        """Whether the documents handed over now will be reduced."""
 
     def submit(self, name: str, doc: dict[str, Any]) -> None:
         """Queue one document (waits while the queue is full)."""
@@ -38,8 +78,8 @@ class Worker(Protocol):
     def flush(self, timeout: float | None) -> bool:
         """Wait until everything queued so far is saved; False if ``timeout`` passed."""
 
-    def close(self, timeout: float | None) -> None:
-        """Finish the queued work and stop."""
+    def close(self, timeout: float | None) -> Abandoned:
+        """Finish the queued work (within ``timeout``) and stop; say what was left undone."""
 
 
 class DocumentQueue:
@@ -129,6 +169,11 @@ class DocumentQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def snapshot(self) -> list[tuple[Any, int]]:
+        """The items queued now (they stay queued)."""
+        with self._changed:
+            return list(self._items)
+
     def _is_full(self, size: int) -> bool:
         if len(self._items) >= self.max_items:
             return True
@@ -147,21 +192,51 @@ class DocumentQueue:
 
 
 class RunWaiter:
-    """Lets the RunEngine's thread wait for the child run of a raw run to be saved."""
+    """Which raw runs' child runs are still being made, and waiting for them.
+
+    A run is expected from its start on. :meth:`finished` says its child run is saved (and
+    forgets it); :meth:`abandon` says the worker that had it is gone, so it never will be.
+    A run never expected has nothing to wait for.
+    """
 
     def __init__(self) -> None:
         self._finished: dict[str, threading.Event] = {}
+        self._lost: set[str] = set()
         self._lock = threading.Lock()
 
     def expect(self, raw_uid: str) -> None:
         with self._lock:
             self._finished.setdefault(raw_uid, threading.Event())
+            self._lost.discard(raw_uid)
 
     def finished(self, raw_uid: str) -> None:
         with self._lock:
-            event = self._finished.get(raw_uid)
+            event = self._finished.pop(raw_uid, None)
         if event is not None:
             event.set()
+
+    def abandon(self) -> tuple[str, ...]:
+        """Every run still expected is lost: wake its waiters. Returns those runs."""
+        with self._lock:
+            lost = dict(self._finished)
+            self._finished.clear()
+            self._lost.update(lost)
+        for event in lost.values():
+            event.set()
+        return tuple(lost)
+
+    def pending(self) -> tuple[str, ...]:
+        """The runs expected and neither finished nor lost."""
+        with self._lock:
+            return tuple(self._finished)
+
+    def outcome(self, raw_uid: str) -> bool | None:
+        """True once the child run is saved (or nothing was expected), False if it is lost,
+        None while it is still being made."""
+        with self._lock:
+            if raw_uid in self._finished:
+                return None
+            return raw_uid not in self._lost
 
     def wait(
         self,
@@ -169,17 +244,44 @@ class RunWaiter:
         timeout: float | None,
         worker_alive: Callable[[], bool] = lambda: True,
     ) -> bool:
-        """Wait for ``raw_uid`` (forgotten afterwards); False if ``timeout`` passed or the
-        worker went away first."""
+        """Wait for ``raw_uid`` from a thread; False if ``timeout`` passed, the run was lost
+        or the worker went away first."""
         with self._lock:
             event = self._finished.get(raw_uid)
-        if event is None:
-            return True
-        try:
-            return wait_while_alive(event, timeout, worker_alive)
-        finally:
-            with self._lock:
-                self._finished.pop(raw_uid, None)
+        if event is not None:
+            wait_while_alive(event, timeout, worker_alive)
+        return self.outcome(raw_uid) is True
+
+
+async def wait_async(
+    runs: RunWaiter,
+    raw_uids: Iterable[str],
+    timeout: float | None,
+    worker_alive: Callable[[], bool] = lambda: True,
+) -> tuple[list[str], list[str]]:
+    """Wait on the event loop, without blocking it, for the child runs of ``raw_uids``.
+
+    Returns the runs lost (their worker went away) and those still being made when
+    ``timeout`` passed. Cancelling it (a pause, an abort) just stops the waiting.
+    """
+    waiting = list(raw_uids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    lost: list[str] = []
+    while waiting:
+        outcomes = {uid: runs.outcome(uid) for uid in waiting}
+        lost += [uid for uid, outcome in outcomes.items() if outcome is False]
+        waiting = [uid for uid, outcome in outcomes.items() if outcome is None]
+        if not waiting:
+            break
+        if not worker_alive():
+            return lost + waiting, []
+        if deadline is not None and time.monotonic() >= deadline:
+            return lost, waiting
+        step = _POLL_SECONDS
+        if deadline is not None:
+            step = max(0.0, min(step, deadline - time.monotonic()))
+        await asyncio.sleep(step)
+    return lost, []
 
 
 def wait_while_alive(
@@ -211,3 +313,47 @@ def array_bytes(doc: Mapping[str, Any]) -> int:
         else:
             total += getattr(value, "nbytes", 0)
     return total
+
+
+# --- interpreter exit -------------------------------------------------------------------------
+
+_exit_deadline: float | None = None
+
+
+def close_at_exit(worker: Worker, what: str) -> None:
+    """Close ``worker`` at interpreter exit (if it is still there), within the time left of
+    :data:`EXIT_TIMEOUT_SECONDS` for all of them, and log what had to be left behind.
+
+    It runs among threading's exit hooks, registered after the store's own (a tiled client
+    closes its in-process server there), so that it runs first while the store still works;
+    plain ``atexit`` hooks run only after those.
+    """
+    ref = weakref.ref(worker)
+
+    def close() -> None:
+        global _exit_deadline
+        target = ref()
+        if target is None:
+            return
+        if _exit_deadline is None:
+            _exit_deadline = time.monotonic() + EXIT_TIMEOUT_SECONDS
+        abandoned = target.close(max(0.0, _exit_deadline - time.monotonic()))
+        if abandoned:
+            logger.error(
+                "at exit the analysis %s could not finish within %s s: %s (runs %s); that "
+                "derived data is not saved",
+                what,
+                EXIT_TIMEOUT_SECONDS,
+                abandoned,
+                ", ".join(abandoned.runs) or "none",
+            )
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading exit hooks")
+        register(close)
+    except RuntimeError:  # already shutting down, or an interpreter without them
+        import atexit
+
+        atexit.register(close)

@@ -13,12 +13,17 @@ multiprocessing child imports the user's ``__main__`` again, which runs a script
 ``if __name__ == "__main__"`` guard (a scan!) a second time. The reducers and the store are
 sent with cloudpickle, so that reducers defined in an IPython session or a profile's startup
 file (module ``__main__``) work too. The worker ignores Ctrl-C (its own session): pausing a
-scan must not kill it. When this process exits, the worker finishes what it was sent.
+scan must not kill it.
+
+A worker that ends unexpectedly (killed, crashed, or unable to open its store) is replaced
+in the background, after 1 s, then twice as long after each further death in a row, at most
+a minute; the runs it had are lost (their waiters are told at once), runs that start while
+no worker is up are lost too. At interpreter exit the callback's queue is sent and the
+worker finishes it, within a bounded time (see ``_handover.close_at_exit``).
 """
 
 from __future__ import annotations
 
-import atexit
 import io
 import itertools
 import logging
@@ -32,12 +37,18 @@ import sys
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from ._errors import AnalysisStoreError
-from ._handover import DocumentQueue, RunWaiter, array_bytes, wait_while_alive
+from ._handover import (
+    Abandoned,
+    DocumentQueue,
+    RunWaiter,
+    array_bytes,
+    close_at_exit,
+    wait_while_alive,
+)
 from ._live_router import LiveRouter
 from ._reduction import ReductionPlan
 
@@ -54,10 +65,11 @@ GATHER_SECONDS = 0.02
 _BATCH_BYTES = 32 * 2**20
 # A bigger pipe than the default 64 KiB: a megapixel frame then takes 2 writes, not 32.
 _PIPE_BYTES = 2**20
-# At interpreter exit, how long to wait for workers to save what they were sent.
-_EXIT_TIMEOUT_SECONDS = 60.0
-
-_open_workers: weakref.WeakSet[ProcessWorker] = weakref.WeakSet()
+# A worker that ended is replaced after this long, doubled for each further death in a
+# row up to the maximum; one that had been up and ready this long starts the count again.
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 60.0
+_HEALTHY_SECONDS = 60.0
 
 
 # --- messages over a pipe -----------------------------------------------------------------
@@ -178,36 +190,50 @@ class _Process:
         self.outbox = MessagePipe(self_out, "wb")
         self.inbox = MessagePipe(self_in, "rb")
         self.setup_sent = False
-        self.ready = False  # it has loaded the reducers and opened the store
+        self.ready_at: float | None = None  # when it had loaded the reducers, opened the store
         self.lost = False
+        self.stopped = False  # ended by close(), not by itself
         self.ended = threading.Event()
+        # The thread holds the worker, never the callback: a dropped callback is collected.
         self._reader = threading.Thread(
             target=worker._listen, args=(self,), name="analysis-store-listener", daemon=True
         )
         self._reader.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
 
     def alive(self) -> bool:
         return not self.lost and not self.ended.is_set()
 
 
 class ProcessWorker:
-    """Reduces in a worker process, started now and again for a run if it ended."""
+    """Reduces in a worker process, started now and replaced whenever it ends."""
 
     def __init__(
         self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int
     ) -> None:
         self._setup = setup_message(plan, store)
         self._queue = DocumentQueue(queue_size, queue_bytes)
-        self._runs = RunWaiter()
+        self.runs = RunWaiter()
         self._flushes: dict[int, threading.Event] = {}
+        self._flushes_failed: dict[int, bool] = {}
         self._flush_ids = itertools.count()
-        self._closing = False
+        self._closing = threading.Event()
+        self._close_lock = threading.Lock()
+        self._closed = False
+        # Held while a run's start is queued and while the process is replaced: the runs
+        # begun before a replacement are the ones lost with the old process.
+        self._switch = threading.Lock()
+        self._deaths = 0  # in a row, for the restart delay
+        self._dropped = 0  # documents that found no live process
         self._process = _Process(self)
         self._sender = threading.Thread(
             target=self._send_all, args=(self._process,), name="analysis-store-sender", daemon=True
         )
         self._sender.start()
-        _open_workers.add(self)
+        close_at_exit(self, "worker process")
 
     @property
     def queue(self) -> DocumentQueue:
@@ -224,15 +250,22 @@ class ProcessWorker:
     # --- the Worker protocol ----------------------------------------------------------------
 
     def submit(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "start":
-            if not self._process.alive() and self._process.ready and not self._closing:
-                self._restart()
-            self._runs.expect(doc["uid"])
         size = array_bytes(doc) if name in ("event", "event_page") else 0
-        self._put(("doc", name, doc), size, urgent=name == "stop")
+        if name != "start":
+            self._put(("doc", name, doc), size, urgent=name == "stop")
+            return
+        with self._switch:
+            if not self._process.alive() and not self._closing.is_set():
+                logger.warning(
+                    "run %s starts while the analysis worker process is being replaced; it "
+                    "gets no derived data",
+                    doc["uid"],
+                )
+            self.runs.expect(doc["uid"])
+            self._put(("doc", name, doc), size)
 
     def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
-        return self._runs.wait(raw_uid, timeout, self.alive)
+        return self.runs.wait(raw_uid, timeout, self.alive)
 
     def flush(self, timeout: float | None) -> bool:
         token = next(self._flush_ids)
@@ -240,29 +273,49 @@ class ProcessWorker:
         try:
             if not self._put(("flush", token), urgent=True):
                 return False
-            return wait_while_alive(done, timeout, self.alive)
+            # Set by the worker's answer, which says whether the store took everything.
+            return wait_while_alive(done, timeout, self.alive) and self._flushes_failed.pop(
+                token, None
+            ) is None
         finally:
             self._flushes.pop(token, None)
 
-    def close(self, timeout: float | None) -> None:
-        if self._closing:
-            return
+    def close(self, timeout: float | None) -> Abandoned:
+        # A second caller (the exit hook while a collected callback's close runs) waits for
+        # the first; what the first left undone is its to report.
+        if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return Abandoned(len(self._queue), self.runs.pending())
+        try:
+            if self._closed:
+                return Abandoned()
+            self._closed = True
+            return self._close(timeout)
+        finally:
+            self._close_lock.release()
+
+    def _close(self, timeout: float | None) -> Abandoned:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float | None:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
         self.flush(timeout)
-        self._closing = True
-        _open_workers.discard(self)
+        dropped_before = self._dropped
+        with self._switch:
+            self._closing.set()  # no replacement from now on
+            process = self._process
         if self._put(("close",), urgent=True):
             self._sender.join(remaining())
         try:
-            self._process.popen.wait(remaining())
+            process.popen.wait(remaining())
         except subprocess.TimeoutExpired:
             logger.warning("the analysis worker did not end within %s s; it is stopped", timeout)
-            self._process.popen.kill()
-            self._process.popen.wait()
+            process.stopped = True
+            process.popen.kill()
+            process.popen.wait()
+            self._sender.join(1.0)  # its writes fail now: it drops the rest and ends
+        queued = sum(1 for item, _ in self._queue.snapshot() if item[0] == "doc")
+        return Abandoned(queued + self._dropped - dropped_before, self.runs.abandon())
 
     # --- sending --------------------------------------------------------------------------
 
@@ -272,12 +325,19 @@ class ProcessWorker:
         logger.error("the analysis sender is not running; a document was dropped")
         return False
 
-    def _restart(self) -> None:
-        logger.warning("the analysis worker process had ended; starting a new one")
-        process = _Process(self)
-        self._process = process
-        # Documents queued before this point go to the old process (and are lost with it).
-        self._put(("process", process), urgent=True)
+    def _replace(self) -> None:
+        process = _Process(self)  # outside the lock: starting a process takes a moment
+        with self._switch:
+            if self._closing.is_set():
+                process.stopped = True
+                process.popen.kill()
+                return
+            self._process = process
+            # Documents queued before this point go to the old process (and are lost with
+            # it), as do the runs begun before it.
+            self._put(("process", process), urgent=True)
+            self.runs.abandon()
+        logger.info("a new analysis worker process started (pid %s)", process.popen.pid)
 
     def _send_all(self, process: _Process) -> None:
         while True:
@@ -296,19 +356,22 @@ class ProcessWorker:
                 return
 
     def _send(self, process: _Process, items: list[Any]) -> None:
-        if not items or not process.alive():
+        if not items:
             return
-        try:
-            parts = encode(items)
-        except Exception:
-            parts = encode([item for item in items if _picklable(item)])
-        try:
-            if not process.setup_sent:
-                process.outbox.send(self._setup)
-                process.setup_sent = True
-            process.outbox.send(parts)
-        except OSError:
-            process.lost = True  # the listener says why, once the process has ended
+        if process.alive():
+            try:
+                parts = encode(items)
+            except Exception:
+                parts = encode([item for item in items if _picklable(item)])
+            try:
+                if not process.setup_sent:
+                    process.outbox.send(self._setup)
+                    process.setup_sent = True
+                process.outbox.send(parts)
+                return
+            except OSError:
+                process.lost = True  # the listener says why, once the process has ended
+        self._dropped += sum(1 for item in items if item[0] == "doc")
 
     # --- listening ------------------------------------------------------------------------
 
@@ -320,13 +383,15 @@ class ProcessWorker:
             if target.isEnabledFor(record.levelno):  # as if it were logged here
                 target.handle(record)
         elif kind == "finished":
-            self._runs.finished(message[1])
+            self.runs.finished(message[1])
         elif kind == "flushed":
+            if len(message) > 2 and not message[2]:
+                self._flushes_failed[message[1]] = True
             done = self._flushes.get(message[1])
             if done is not None:
                 done.set()
         elif kind == "ready":
-            process.ready = True
+            process.ready_at = time.monotonic()
 
     def _listen(self, process: _Process) -> None:
         try:
@@ -343,20 +408,41 @@ class ProcessWorker:
             process.inbox.close()
             code = process.popen.wait()
             process.ended.set()
-            if self._closing:
-                pass
-            elif process.ready:
-                logger.error(
-                    "the analysis worker process ended (exit status %s); derived data of the "
-                    "runs it was reducing is lost; a new worker starts with the next run",
-                    code,
-                )
-            else:
-                logger.error(
-                    "the analysis worker process could not start (exit status %s); no derived "
-                    "data is saved by this callback",
-                    code,
-                )
+            self._ended(process, code)
+
+    def _ended(self, process: _Process, code: int) -> None:
+        """Say once why ``process`` ended and, unless it was closed, replace it later."""
+        if process.stopped or (self._closing.is_set() and code == 0):
+            return
+        lost = self.runs.abandon() if process is self._process else ()
+        status = _exit_status(code)
+        if self._closing.is_set():
+            logger.error("the analysis worker process ended while closing (%s)", status)
+            return
+        healthy = process.ready_at is not None and (
+            time.monotonic() - process.ready_at >= _HEALTHY_SECONDS
+        )
+        self._deaths = 0 if healthy else self._deaths
+        delay = min(RESTART_FIRST_SECONDS * 2**self._deaths, RESTART_MAX_SECONDS)
+        self._deaths += 1
+        if process.ready:
+            what = "the analysis worker process ended"
+            runs = f"; derived data of {len(lost)} runs it was reducing is lost" if lost else ""
+        else:
+            what = "the analysis worker process could not start"
+            runs = f"; {len(lost)} runs get no derived data" if lost else ""
+        logger.error("%s (%s)%s; starting a new one in %g s", what, status, runs, delay)
+        if not self._closing.wait(delay):
+            self._replace()
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"exit status {code}, killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"
 
 
 def _picklable(item: Any) -> bool:
@@ -366,12 +452,6 @@ def _picklable(item: Any) -> bool:
         logger.exception("a %s document cannot be sent to the analysis worker", item[1])
         return False
     return True
-
-
-@atexit.register
-def _close_open_workers() -> None:
-    for worker in list(_open_workers):
-        worker.close(_EXIT_TIMEOUT_SECONDS)
 
 
 # --- that side: the worker process --------------------------------------------------------
@@ -491,8 +571,7 @@ def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> bool:
             if item[0] == "doc":
                 router(item[1], item[2])
             elif item[0] == "flush":
-                router.flush_store(_FLUSH_SECONDS)
-                tell("flushed", item[1])
+                tell("flushed", item[1], router.flush_store(_FLUSH_SECONDS))
             elif item[0] == "close":
                 return True
 

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
-from ._handover import DocumentQueue, RunWaiter, array_bytes, wait_while_alive
+from ._handover import (
+    Abandoned,
+    DocumentQueue,
+    RunWaiter,
+    array_bytes,
+    close_at_exit,
+    wait_while_alive,
+)
 from ._live_router import LiveRouter
 from ._reduction import ReductionPlan
 
@@ -28,14 +36,20 @@ _STOP = object()
 
 
 class ThreadWorker:
+    """Reduces on a daemon thread; closed at interpreter exit (see :func:`close_at_exit`),
+    since a daemon thread is otherwise stopped wherever it happens to be."""
+
     def __init__(self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int):
-        self._runs = RunWaiter()
-        self._router = LiveRouter(plan, store, on_run_finished=self._runs.finished)
+        self.runs = RunWaiter()
+        self._router = LiveRouter(plan, store, on_run_finished=self.runs.finished)
         self._queue = DocumentQueue(queue_size, queue_bytes)
+        self._close_lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(
             target=self._work, name="analysis-store-worker", daemon=True
         )
         self._thread.start()
+        close_at_exit(self, "worker thread")
 
     @property
     def queue(self) -> DocumentQueue:
@@ -46,12 +60,12 @@ class ThreadWorker:
 
     def submit(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
-            self._runs.expect(doc["uid"])
+            self.runs.expect(doc["uid"])
         size = array_bytes(doc) if name in ("event", "event_page") else 0
         self._put((name, doc), size, urgent=name == "stop")
 
     def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
-        return self._runs.wait(raw_uid, timeout, self.alive)
+        return self.runs.wait(raw_uid, timeout, self.alive)
 
     def flush(self, timeout: float | None) -> bool:
         done = threading.Event()
@@ -61,10 +75,27 @@ class ThreadWorker:
             return False
         return self._router.flush_store(timeout)
 
-    def close(self, timeout: float | None) -> None:
+    def close(self, timeout: float | None) -> Abandoned:
+        # A second caller (the exit hook while a collected callback's close runs) waits for
+        # the first; what the first left undone is its to report.
+        if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return Abandoned(len(self._queue), self.runs.pending())
+        try:
+            if self._closed:
+                return Abandoned()
+            self._closed = True
+            return self._close(timeout)
+        finally:
+            self._close_lock.release()
+
+    def _close(self, timeout: float | None) -> Abandoned:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.flush(timeout)
         self._put(_STOP, urgent=True)
-        self._thread.join(timeout)
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        # What the thread did not get to (it may still be busy with a reducer that hangs).
+        documents = sum(1 for item, _ in self._queue.snapshot() if isinstance(item, tuple))
+        return Abandoned(documents, self.runs.pending())
 
     def _put(self, item: Any, size: int = 0, *, urgent: bool = False) -> bool:
         if not self._queue.put(item, size, urgent=urgent, consumer_alive=self.alive):
@@ -76,9 +107,10 @@ class ThreadWorker:
         try:
             while True:
                 batch = self._queue.get_batch(IDLE_FLUSH_SECONDS, GATHER_SECONDS)
-                for item, size in batch:
+                for n, (item, size) in enumerate(batch):
                     try:
                         if item is _STOP:
+                            self._queue.done(sum(s for _, s in batch[n + 1 :]))
                             return
                         if isinstance(item, threading.Event):
                             item.set()

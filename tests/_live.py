@@ -6,6 +6,7 @@ The RunEngine itself, the simulated devices and the module's store are fixtures 
 from __future__ import annotations
 
 import copy
+import time
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -100,3 +101,12 @@ def dark_then_positions(cam: Any, motor: Any, positions: list[float], darks: Map
             yield from bps.trigger_and_read([cam, motor])
 
     return (yield from inner())
+
+
+# --- reducers -----------------------------------------------------------------------------
+
+
+def slow_scaled(data: Mapping[str, Any], *, seconds: float = 0.03) -> dict[str, float]:
+    """``10 * det``, after sleeping ``seconds``: a reduction that falls behind the scan."""
+    time.sleep(seconds)
+    return {"total": 10.0 * float(data["det"])}
