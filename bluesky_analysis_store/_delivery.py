@@ -32,7 +32,14 @@ from typing import Any
 from ._errors import AnalysisStoreError
 from ._journal import JournalError, RunJournal, read_journal
 
-__all__ = ["DeliveryError", "Delivery", "JournaledSink", "deliver_documents", "expected_counts"]
+__all__ = [
+    "Delivery",
+    "DeliveryError",
+    "JournaledSink",
+    "deliver_documents",
+    "expected_counts",
+    "save_documents",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +151,33 @@ def deliver_documents(store: Any, documents: list[Document]) -> Any:
     if stop is not None:
         _write_stop(store, writer, uid, counts, stop)
     return writer
+
+
+def save_documents(store: Any, documents: list[Document]) -> None:
+    """Save a whole run the durable way: journal it, deliver it, check it, drop the journal.
+
+    If the store fails, the run stays in its journal and :class:`DeliveryError` says where;
+    ``recover`` delivers it later. The store never keeps a partial run without a journal
+    that completes it.
+    """
+    for name, doc in documents:
+        store.check_asset_location(name, doc)
+    journal = RunJournal(store.journal_folder, documents[0][1]["uid"])
+    try:
+        journal.append_all(documents)
+        journal.sync()
+        deliver_documents(store, documents)
+    except JournalError:
+        journal.remove()
+        raise
+    except Exception as error:
+        journal.close()
+        raise DeliveryError(
+            f"run {journal.run_uid} could not be saved in the store ({type(error).__name__}: "
+            f"{error}); it is kept in the journal {journal.path} and "
+            "`bluesky-analysis-store recover` delivers it once the store takes it"
+        ) from error
+    journal.remove()
 
 
 def _has_stop(client: Any, uid: str, stop_uid: str) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._delivery import save_documents
 from ._errors import AnalysisStoreError, RunNotFoundError
 from ._reduction import ReductionPlan, RunReduction
 from ._replay import count_events, replay_run, stop_document
@@ -209,8 +210,7 @@ def _reprocess_one(
     finally:
         bar.close()
     # The child run reaches the store only once it is complete: a failed run leaves nothing.
-    for name, doc in documents:
-        store(name, doc)
+    save_documents(store, documents)
     if not complete:
         report.incomplete[raw_uid] = (
             f"no stop document (still running, or interrupted): replayed the {events} events "

@@ -270,9 +270,9 @@ class AnalysisStore:
     @property
     def journal_folder(self) -> Path:
         """Where child runs are journaled before they reach the catalog (see ``recover``):
-        ``<store folder>/journal`` for an embedded store; for a server,
-        ``$BLUESKY_ANALYSIS_JOURNAL`` or a folder per server under
-        ``~/.local/state/bluesky-analysis-store/journals``."""
+        ``$BLUESKY_ANALYSIS_JOURNAL`` if set (a local disk, not the catalog's), else
+        ``<store folder>/journal`` for an embedded store and a folder per server under
+        ``~/.local/state/bluesky-analysis-store/journals`` for a tiled server."""
         return journal_folder_for(self.location)
 
     def recover(self) -> Any:
@@ -340,14 +340,15 @@ class AnalysisStore:
         """Compose a run (see :func:`compose_documents`), save it and return its uid.
 
         Files go under the store's asset folder unless ``root`` is given. The whole run is
-        composed and checked before its first document reaches the catalog.
+        composed and checked before its first document reaches the catalog, journaled, then
+        saved and read back: if the store fails, :class:`DeliveryError` names the journal
+        that ``recover`` delivers later.
         """
+        from ._delivery import save_documents
+
         kwargs.setdefault("root", self.asset_root)
         documents = list(compose_documents(data_dicts, md, writers_dict, **kwargs))
-        for name, doc in documents:
-            self.check_asset_location(name, doc)
-        for name, doc in documents:
-            self._writer(name, doc)
+        save_documents(self, documents)
         return documents[0][1]["uid"]
 
     # --- reading ------------------------------------------------------------------------
@@ -389,14 +390,14 @@ class AnalysisStore:
 
 
 JOURNAL_ENV = "BLUESKY_ANALYSIS_JOURNAL"
-"""Environment variable naming the journal folder of a store on a tiled server."""
+"""Environment variable naming the folder child runs are journaled in before delivery."""
 
 
 def journal_folder_for(location: str | None) -> Path:
-    if location and not location.startswith(("http://", "https://")):
-        return Path(location) / "journal"
     if os.environ.get(JOURNAL_ENV):
         return Path(os.environ[JOURNAL_ENV]).absolute()
+    if location and not location.startswith(("http://", "https://")):
+        return Path(location) / "journal"
     import hashlib
 
     key = hashlib.sha256((location or "").encode()).hexdigest()[:16]

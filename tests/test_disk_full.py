@@ -1,0 +1,94 @@
+"""A full disk under the catalog, in every mode: the scan ends normally, nothing already
+saved is damaged, and delivery resumes from the journal (on another disk) once space
+returns. The disk is a real tmpfs of a few MiB, filled with a real file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _reducers_for_tests import SeqNumFrames
+from bluesky.plans import count
+from ophyd.sim import det
+
+from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback
+from bluesky_analysis_store._store import JOURNAL_ENV
+
+pytestmark = pytest.mark.slow
+
+POINTS = 10
+DEADLINE = 120.0  # seconds, at most, not a measured time
+TMPFS_SIZE = "48m"
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    mount_point = tmp_path_factory.mktemp("small-disk")
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root; run the fault tests as root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount_point)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        pytest.fail(f"could not mount a tmpfs at {mount_point}: {result.stderr}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of the file system under ``folder``."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        for block in (2**20, 4096, 1):
+            try:
+                while file.write(b"\0" * block):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
+@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "fg"])
+def test_catalog_disk_full_during_a_scan_then_space_returns(
+    RE, small_disk, tmp_path, monkeypatch, background  # noqa: N803
+):
+    monkeypatch.setenv(JOURNAL_ENV, str(tmp_path / "journal"))
+    folder = small_disk / f"store-{background}"
+    store = AnalysisStore.open(folder, readable=[tmp_path])
+    earlier = store.save(
+        [{"primary": {"x": 1.0}}], {"purpose": "saved before"}, parents=["raw"], code=fill,
+        strict=False,
+    )  # fmt: skip
+    # The derived files go to another disk: this is about the catalog's.
+    callback = AnalysisStoreCallback(
+        [SeqNumFrames()], store, background=background, root=str(tmp_path / "assets"),
+        stop_timeout=30,
+    )  # fmt: skip
+    assert callback.flush(DEADLINE)
+    RE.subscribe(callback)
+    raw: list[str] = []
+    RE.subscribe(lambda name, doc: raw.append(doc["uid"]) if name == "start" else None)
+    filler = fill(small_disk)
+    try:
+        RE(count([det], num=POINTS))
+        assert not callback.flush(10), "the store took derived data on a full disk"
+        assert list((tmp_path / "journal").glob("*.journal"))
+    finally:
+        filler.unlink()
+    assert callback.flush(DEADLINE)
+    callback.close(timeout=DEADLINE)
+    reader = AnalysisStore.open(folder)
+    (child_uid,) = reader.children(raw[0])
+    primary = reader[child_uid]["primary"]
+    np.testing.assert_array_equal(primary["parent_seq_num"].read(), np.arange(1, POINTS + 1))
+    np.testing.assert_array_equal(primary["y"].read(), np.arange(1, POINTS + 1, dtype=float))
+    assert reader[child_uid].metadata["stop"]["num_events"] == {"primary": POINTS}
+    assert reader[earlier]["primary"]["x"].read().tolist() == [1.0]
+    assert not list((tmp_path / "journal").glob("*.journal"))
