@@ -30,6 +30,7 @@ __all__ = [
     "Worker",
     "array_bytes",
     "close_at_exit",
+    "unfinished_runs",
     "wait_async",
 ]
 
@@ -59,6 +60,11 @@ class Abandoned:
 
     def __str__(self) -> str:
         return f"{self.documents} documents not reduced, {len(self.runs)} child runs unfinished"
+
+
+def unfinished_runs(open_runs: Mapping[str, Any], pending: Iterable[str]) -> tuple[str, ...]:
+    """Raw runs whose child run closing leaves unfinished: still open, or not yet saved."""
+    return tuple(dict.fromkeys([*list(open_runs), *pending]))
 
 
 class Worker(Protocol):

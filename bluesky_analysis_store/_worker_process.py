@@ -43,6 +43,7 @@ from typing import Any
 from ._errors import AnalysisStoreError
 from ._handover import (
     Abandoned,
+    unfinished_runs,
     DocumentQueue,
     RunWaiter,
     array_bytes,
@@ -223,6 +224,7 @@ class ProcessWorker:
         self._closing = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
+        self._open_runs: dict[str, None] = {}  # started, not stopped: closing leaves them
         # Held while a run's start is queued and while the process is replaced: the runs
         # begun before a replacement are the ones lost with the old process.
         self._switch = threading.Lock()
@@ -251,6 +253,8 @@ class ProcessWorker:
 
     def submit(self, name: str, doc: dict[str, Any]) -> None:
         size = array_bytes(doc) if name in ("event", "event_page") else 0
+        if name == "stop":
+            self._open_runs.pop(doc["run_start"], None)
         if name != "start":
             self._put(("doc", name, doc), size, urgent=name == "stop")
             return
@@ -262,6 +266,7 @@ class ProcessWorker:
                     doc["uid"],
                 )
             self.runs.expect(doc["uid"])
+            self._open_runs[doc["uid"]] = None
             self._put(("doc", name, doc), size)
 
     def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
@@ -284,7 +289,8 @@ class ProcessWorker:
         # A second caller (the exit hook while a collected callback's close runs) waits for
         # the first; what the first left undone is its to report.
         if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
-            return Abandoned(len(self._queue), self.runs.pending())
+            pending = unfinished_runs(self._open_runs, self.runs.pending())
+            return Abandoned(len(self._queue), pending)
         try:
             if self._closed:
                 return Abandoned()
@@ -315,7 +321,8 @@ class ProcessWorker:
             process.popen.wait()
             self._sender.join(1.0)  # its writes fail now: it drops the rest and ends
         queued = sum(1 for item, _ in self._queue.snapshot() if item[0] == "doc")
-        return Abandoned(queued + self._dropped - dropped_before, self.runs.abandon())
+        lost = unfinished_runs(self._open_runs, self.runs.abandon())
+        return Abandoned(queued + self._dropped - dropped_before, lost)
 
     # --- sending --------------------------------------------------------------------------
 

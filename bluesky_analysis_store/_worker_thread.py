@@ -14,6 +14,7 @@ from typing import Any
 
 from ._handover import (
     Abandoned,
+    unfinished_runs,
     DocumentQueue,
     RunWaiter,
     array_bytes,
@@ -45,6 +46,7 @@ class ThreadWorker:
         self._queue = DocumentQueue(queue_size, queue_bytes)
         self._close_lock = threading.Lock()
         self._closed = False
+        self._open_runs: dict[str, None] = {}  # started, not stopped: closing leaves them
         self._thread = threading.Thread(
             target=self._work, name="analysis-store-worker", daemon=True
         )
@@ -61,6 +63,9 @@ class ThreadWorker:
     def submit(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
             self.runs.expect(doc["uid"])
+            self._open_runs[doc["uid"]] = None
+        elif name == "stop":
+            self._open_runs.pop(doc["run_start"], None)
         size = array_bytes(doc) if name in ("event", "event_page") else 0
         self._put((name, doc), size, urgent=name == "stop")
 
@@ -79,7 +84,8 @@ class ThreadWorker:
         # A second caller (the exit hook while a collected callback's close runs) waits for
         # the first; what the first left undone is its to report.
         if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
-            return Abandoned(len(self._queue), self.runs.pending())
+            pending = unfinished_runs(self._open_runs, self.runs.pending())
+            return Abandoned(len(self._queue), pending)
         try:
             if self._closed:
                 return Abandoned()
@@ -95,7 +101,7 @@ class ThreadWorker:
         self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         # What the thread did not get to (it may still be busy with a reducer that hangs).
         documents = sum(1 for item, _ in self._queue.snapshot() if isinstance(item, tuple))
-        return Abandoned(documents, self.runs.pending())
+        return Abandoned(documents, unfinished_runs(self._open_runs, self.runs.pending()))
 
     def _put(self, item: Any, size: int = 0, *, urgent: bool = False) -> bool:
         if not self._queue.put(item, size, urgent=urgent, consumer_alive=self.alive):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -10,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -27,7 +29,7 @@ from bluesky.plans import count, grid_scan, scan  # noqa: E402
 from bluesky.utils import RunEngineInterrupted  # noqa: E402
 from event_model import Filler  # noqa: E402
 
-from _live import DocumentRecorder  # noqa: E402
+from _live import DocumentRecorder, slow_scaled  # noqa: E402
 from _reducers_for_tests import (  # noqa: E402
     DarkSubtractedSum,
     FrameSequence,
@@ -43,6 +45,8 @@ from bluesky_analysis_store import (  # noqa: E402
     AnalysisStoreCallback,
     AnalysisStoreError,
     ProvenanceError,
+    wait_for_derived,
+    wait_for_derived_wrapper,
 )
 
 # --- fixtures (the rest are shared: conftest.py) ------------------------------------------
@@ -101,7 +105,7 @@ def test_count_child_run_has_provenance_values_and_links(RE, hw, store, make_cal
     reducer = functools.partial(scaled, threshold=3)
     callback = make_callback([reducer])
     raw = DocumentRecorder()
-    RE.subscribe(callback)
+    callback.subscribe(RE)
     RE.subscribe(raw)
 
     (raw_uid,) = RE(count([hw.det], num=5))
@@ -157,7 +161,7 @@ def test_scans_give_one_child_event_per_raw_event(
 ):
     reducer = functools.partial(scaled, key=key, threshold=0.5)
     raw = DocumentRecorder()
-    RE.subscribe(make_callback([reducer]))
+    make_callback([reducer]).subscribe(RE)
     RE.subscribe(raw)
 
     (raw_uid,) = RE(make_plan(hw))
@@ -187,7 +191,7 @@ def test_img_frames_are_filled_and_derived_images_go_to_files(
     num = 4
     hw.img.sim_set_func(FrameSequence())
     raw = DocumentRecorder()
-    RE.subscribe(make_callback([image_stats], writers={"as_u16": "TIFF"}))
+    make_callback([image_stats], writers={"as_u16": "TIFF"}).subscribe(RE)
     RE.subscribe(raw)
 
     (raw_uid,) = RE(count([hw.img], num=num))
@@ -266,7 +270,7 @@ def test_stateful_reducer_subtracts_dark_and_sums_without_leaking_between_runs(
     RE, hw, store, make_callback
 ):
     prototype = DarkSubtractedSum(scale=2.0)
-    RE.subscribe(make_callback([prototype]))
+    make_callback([prototype]).subscribe(RE)
 
     hw.img.sim_set_func(FrameSequence(0))  # dark = frame 0, light = frames 1, 2, 3
     (first_uid,) = RE(dark_then_light(hw.img, 3))
@@ -304,7 +308,7 @@ def test_stateful_reducer_subtracts_dark_and_sums_without_leaking_between_runs(
 
 def test_two_runs_in_a_row_get_their_own_child(RE, hw, store, make_callback):
     raw = DocumentRecorder()
-    RE.subscribe(make_callback([scaled]))
+    make_callback([scaled]).subscribe(RE)
     RE.subscribe(raw)
 
     (first_uid,) = RE(count([hw.det], num=3))
@@ -348,7 +352,7 @@ def test_failed_or_aborted_scan_gives_a_child_with_the_same_exit_status(
     RE, hw, store, make_callback, ending
 ):
     raw = DocumentRecorder()
-    RE.subscribe(make_callback([scaled]))
+    make_callback([scaled]).subscribe(RE)
     RE.subscribe(raw)
 
     if ending == "fail":
@@ -391,7 +395,7 @@ def test_a_failing_event_is_recorded_and_the_scan_completes(
     RE, hw, store, make_callback, caplog, reducer, stage, error
 ):
     raw = DocumentRecorder()
-    RE.subscribe(make_callback([reducer]))
+    make_callback([reducer]).subscribe(RE)
     RE.subscribe(raw)
 
     with caplog.at_level(logging.ERROR, logger="bluesky_analysis_store"):
@@ -428,7 +432,7 @@ def test_a_failing_event_is_recorded_and_the_scan_completes(
 def test_on_error_raise_in_the_foreground_propagates_to_the_run_engine(
     RE, hw, make_callback
 ):
-    RE.subscribe(make_callback([RaiseOnSeqNum(seq_num=3)], background=False, on_error="raise"))
+    make_callback([RaiseOnSeqNum(seq_num=3)], background=False, on_error="raise").subscribe(RE)
 
     with pytest.raises(ValueError, match="refuses seq_num 3"):
         RE(count([hw.det], num=5))
@@ -437,7 +441,7 @@ def test_on_error_raise_in_the_foreground_propagates_to_the_run_engine(
 def test_on_error_raise_propagates_a_reducers_key_error(RE, hw, make_callback):
     """A KeyError of the reducer's own is a failure, not a document of an unknown run."""
     reducer = functools.partial(scaled, key="not_a_data_key")
-    RE.subscribe(make_callback([reducer], background=False, on_error="raise"))
+    make_callback([reducer], background=False, on_error="raise").subscribe(RE)
 
     with pytest.raises(KeyError, match="not_a_data_key"):
         RE(count([hw.det], num=2))
@@ -467,11 +471,9 @@ def test_process_thread_and_foreground_children_of_one_scan_are_identical(
     reducers = [functools.partial(scaled, threshold=0.5), image_stats]
     modes = {"process": True, "thread": "thread", "foreground": False}
     for mode, background in modes.items():
-        RE.subscribe(
-            make_callback(
-                reducers, background=background, md={"mode": mode}, writers={"as_u16": "TIFF"}
-            )
-        )
+        make_callback(
+            reducers, background=background, md={"mode": mode}, writers={"as_u16": "TIFF"}
+        ).subscribe(RE)
 
     (raw_uid,) = RE(scan([hw.img, hw.det], hw.motor, -1, 1, 5))
 
@@ -567,7 +569,7 @@ def test_another_process_sees_derived_events_before_the_raw_run_ends(
             yield from bps.sleep(0.1)
         reader_done_before_stop.append(out_file.exists())
 
-    RE.subscribe(make_callback([scaled], background=background))
+    make_callback([scaled], background=background).subscribe(RE)
     RE.subscribe(publish_uid, "start")
     try:
         (raw_uid,) = RE(events_then_wait())
@@ -607,7 +609,7 @@ def test_a_run_without_its_start_is_ignored_and_the_next_run_is_reduced(
         for name, doc in raw.run(missed_uid)[1:]:
             callback(name, doc)
         assert raw.run(missed_uid)[0][0] == "start"
-        RE.subscribe(callback)
+        callback.subscribe(RE)
         (next_uid,) = RE(count([hw.det], num=2))
 
     assert store.children(missed_uid) == []
@@ -672,7 +674,7 @@ def test_a_lambda_reducer_is_refused_unless_strict_is_off(RE, hw, store, make_ca
     with pytest.raises(ProvenanceError, match="local_reducer"):
         AnalysisStoreCallback([local_reducer], store)
 
-    RE.subscribe(make_callback([lambda data: {"total": 2 * float(data["det"])}], strict=False))
+    make_callback([lambda data: {"total": 2 * float(data["det"])}], strict=False).subscribe(RE)
     raw = DocumentRecorder()
     RE.subscribe(raw)
     (raw_uid,) = RE(count([hw.det], num=2))
@@ -719,7 +721,7 @@ def test_a_reducer_changing_its_input_in_place_changes_no_one_elses_event(
 ):
     arr = ophyd.sim.SynSignal(name="arr", func=lambda: np.full(3, 5.0))
     events: list[dict[str, Any]] = []  # the very documents the RunEngine emitted
-    RE.subscribe(make_callback([lowered_in_place], background=background))
+    make_callback([lowered_in_place], background=background).subscribe(RE)
     RE.subscribe(lambda name, doc: events.append(doc), "event")
 
     (raw_uid,) = RE(count([arr], num=2))  # returns once the child run is saved
@@ -749,6 +751,7 @@ def test_interleaved_runs_each_get_their_own_child(RE, hw, store, make_callback,
                 callback(*docs[position])
     for stop in stops:
         callback(*stop)
+    assert callback.flush(timeout=60)  # handing a stop over does not wait for its child
 
     for uid in (first, second):
         events = raw.events(uid)
@@ -759,3 +762,161 @@ def test_interleaved_runs_each_get_their_own_child(RE, hw, store, make_callback,
         np.testing.assert_allclose(
             column(child, "primary", "total"), [10.0 * e["data"]["det"] for e in events]
         )
+
+
+# --- 13. the RunEngine's loop is never blocked; plans wait for derived data -----------------
+
+# A reduction of 30 ms an event: at the stop of a 100-point scan the worker is seconds behind.
+SLOW = functools.partial(slow_scaled, seconds=0.03)
+
+
+class Heartbeat:
+    """Ticks every 10 ms on the RunEngine's own event loop; the largest gap between two
+    ticks in a time window is how long something blocked that loop."""
+
+    def __init__(self, RE) -> None:  # noqa: N803
+        self.ticks: list[float] = []
+        self._future = asyncio.run_coroutine_threadsafe(self._beat(), RE.loop)
+
+    async def _beat(self) -> None:
+        while True:
+            self.ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    def largest_gap(self, since: float, until: float) -> float:
+        ticks = [t for t in self.ticks if since <= t <= until]
+        assert len(ticks) > 10, "the heartbeat did not run in the window"
+        return max(b - a for a, b in zip(ticks, ticks[1:]))
+
+    def stop(self) -> None:
+        self._future.cancel()
+
+
+@pytest.mark.parametrize("background", [True, "thread"], ids=["process", "thread"])
+def test_the_loop_keeps_beating_while_a_scan_waits_for_its_slow_child(
+    RE, hw, store, make_callback, background
+):
+    callback = make_callback([SLOW], background=background)
+    assert callback.flush(timeout=60)  # the worker is up: its start is not what we measure
+    callback.subscribe(RE)
+    raw = DocumentRecorder()
+    RE.subscribe(raw)
+    stopped: list[float] = []
+    RE.subscribe(lambda name, doc: stopped.append(time.monotonic()), "stop")
+    heartbeat = Heartbeat(RE)
+    try:
+        (raw_uid,) = RE(scan([hw.det], hw.motor, -1, 1, 100))
+        returned = time.monotonic()
+    finally:
+        heartbeat.stop()
+
+    # The child run is complete when RE(...) returns...
+    child = only_child(store, raw_uid)
+    assert child.stop["num_events"] == {"primary": 100}
+    np.testing.assert_allclose(
+        column(child, "primary", "total"), [10 * e["data"]["det"] for e in raw.events(raw_uid)]
+    )
+    # ...it was far from complete at the raw stop (so the scan did wait)...
+    assert child.stop["time"] > raw.stop(raw_uid)["time"] + 0.5
+    # ...and nothing blocked the loop during the stop and the wait.
+    assert heartbeat.largest_gap(stopped[0] - 0.02, returned) < 0.1
+
+
+def test_without_the_preprocessor_the_scan_returns_before_its_child_and_a_plan_can_wait(
+    RE, hw, store, make_callback
+):
+    callback = make_callback([SLOW], background="thread")
+    RE.subscribe(callback)
+    outcomes: list[bool] = []
+
+    def scan_then_wait():
+        uid = yield from count([hw.det], num=30)
+        outcomes.append((yield from wait_for_derived(callback)))
+        return uid
+
+    (early_uid,) = RE(count([hw.det], num=30))
+    assert store.children(early_uid) == [] or only_child(store, early_uid).metadata.get(
+        "stop"
+    ) is None, "RE(...) waited for the child although nothing asked it to"
+    (waited_uid,) = RE(scan_then_wait())
+
+    assert outcomes == [True]
+    assert only_child(store, waited_uid).stop["num_events"] == {"primary": 30}
+    assert only_child(store, early_uid).stop["num_events"] == {"primary": 30}  # waited too
+
+
+def test_the_wrapper_waits_after_each_run_the_plan_closes(RE, hw, store, make_callback):
+    callback = make_callback([SLOW], background="thread")
+    RE.subscribe(callback)
+    seen_at_second_start: list[Any] = []
+
+    def two_runs():
+        first = yield from count([hw.det], num=20)
+        # Not on the loop's thread for this look: the wait has already ended.
+        seen_at_second_start.append(only_child(store, first).stop["num_events"])
+        yield from count([hw.det], num=5)
+
+    first_uid, second_uid = RE(wait_for_derived_wrapper(two_runs(), callback))
+
+    assert seen_at_second_start == [{"primary": 20}]
+    assert only_child(store, second_uid).stop["num_events"] == {"primary": 5}
+    assert store.children(first_uid)
+
+
+def test_stop_timeout_ends_the_wait_with_one_warning_and_the_child_is_still_saved(
+    RE, hw, store, make_callback, caplog
+):
+    callback = make_callback([SLOW], background="thread", stop_timeout=0.2)
+    callback.subscribe(RE)
+
+    with caplog.at_level(logging.WARNING, logger="bluesky_analysis_store"):
+        (raw_uid,) = RE(count([hw.det], num=60))  # 1.8 s of reduction, 0.2 s of waiting
+
+    warnings = [r.getMessage() for r in caplog.records if "stop_timeout" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert raw_uid in warnings[0] and "in the background" in warnings[0]
+    assert callback.flush(timeout=60)
+    assert only_child(store, raw_uid).stop["num_events"] == {"primary": 60}
+
+
+def pause_once_the_wait_began(RE, started: threading.Event) -> threading.Thread:  # noqa: N803
+    """Ask ``RE`` to pause (as Ctrl-C does) once a raw run has stopped."""
+
+    def pause() -> None:
+        started.wait(60)
+        time.sleep(0.2)  # past the close_run and the checkpoint: into the wait
+        RE.request_pause()
+
+    thread = threading.Thread(target=pause, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("then", ["resume", "abort"])
+def test_a_pause_during_the_wait_pauses_and_resume_waits_again_or_abort_stops_waiting(
+    RE, hw, store, make_callback, then
+):
+    callback = make_callback([SLOW], background="thread")
+    callback.subscribe(RE)
+    raw = DocumentRecorder()
+    RE.subscribe(raw)
+    stopped = threading.Event()
+    RE.subscribe(lambda name, doc: stopped.set(), "stop")
+    pauser = pause_once_the_wait_began(RE, stopped)
+
+    with pytest.raises(RunEngineInterrupted):
+        RE(count([hw.det], num=80))  # 2.4 s of reduction after a fast count
+    pauser.join(60)
+    assert RE.state == "paused"
+    [raw_uid] = [d["uid"] for n, d in raw.docs if n == "start"]
+    assert raw.stop(raw_uid)["exit_status"] == "success"
+
+    if then == "resume":
+        RE.resume()  # waits for the child again, then returns
+    else:
+        RE.abort("no need to wait")  # returns without waiting
+        assert RE.state == "idle"
+        assert callback.flush(timeout=60)  # the derived data was saved in the background
+    assert only_child(store, raw_uid).stop["num_events"] == {"primary": 80}
+    assert RE.state == "idle"
+    assert [n for n, _ in raw.docs].count("stop") == 1, "the run was not replayed"

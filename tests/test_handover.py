@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
 import pytest
 
-from bluesky_analysis_store._handover import DocumentQueue, RunWaiter, array_bytes
+from bluesky_analysis_store._handover import DocumentQueue, RunWaiter, array_bytes, wait_async
 
 # Generous bounds for things that happen at once when they work: reaching one means a hang.
 HANG = 30.0
@@ -105,3 +106,61 @@ def test_run_waiter():
 )
 def test_array_bytes(doc, expected):
     assert array_bytes(doc) == expected
+
+
+# --- waiting on an event loop ---------------------------------------------------------------
+
+
+def test_a_lost_run_stays_lost_and_a_late_finish_does_not_change_it():
+    waiter = RunWaiter()
+    waiter.expect("saved")
+    waiter.expect("lost")
+    waiter.finished("saved")
+    assert waiter.abandon() == ("lost",)
+    waiter.finished("lost")  # a later process reports the stop of a run it never had
+    assert waiter.outcome("saved") is True
+    assert waiter.outcome("lost") is False
+    assert waiter.outcome("never expected") is True
+    assert waiter.wait("lost", timeout=HANG) is False
+    assert waiter.pending() == ()
+
+
+def test_wait_async_returns_when_the_run_is_finished_from_another_thread():
+    waiter = RunWaiter()
+    waiter.expect("uid")
+    threading.Timer(0.05, waiter.finished, args=("uid",)).start()
+    lost, late = asyncio.run(wait_async(waiter, ["uid"], timeout=HANG))
+    assert (lost, late) == ([], [])
+    assert waiter.outcome("uid") is True
+
+
+def test_wait_async_reports_lost_and_late_runs():
+    waiter = RunWaiter()
+    waiter.expect("late")
+    assert asyncio.run(wait_async(waiter, ["late"], timeout=0.05)) == ([], ["late"])
+    waiter.expect("lost")
+    threading.Timer(0.05, waiter.abandon).start()
+    assert asyncio.run(wait_async(waiter, ["lost"], timeout=HANG)) == (["lost"], [])
+    assert waiter.outcome("late") is False  # every run expected was lost with the worker
+    waiter.expect("worker gone")
+    gone = asyncio.run(wait_async(waiter, ["worker gone"], None, worker_alive=lambda: False))
+    assert gone == (["worker gone"], [])
+
+
+def test_wait_async_can_be_cancelled_while_the_loop_goes_on():
+    waiter = RunWaiter()
+    waiter.expect("never")
+
+    async def main() -> int:
+        task = asyncio.ensure_future(wait_async(waiter, ["never"], timeout=None))
+        ticks = 0
+        while ticks < 5:  # the loop runs while the task waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return ticks
+
+    assert asyncio.run(main()) == 5
+    assert waiter.outcome("never") is None  # still expected: only the waiting stopped

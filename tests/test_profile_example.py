@@ -12,8 +12,7 @@ from pathlib import Path
 PROFILE = Path(__file__).parents[1] / "profile_examples" / "profile_analysis"
 
 SESSION = """
-uid, = RE(scan([cam], motor, -3, 3, 5))
-analysis.flush()
+uid, = RE(scan([cam], motor, -3, 3, 5))  # returns once the child run is saved
 child = store[store.children(uid)[0]]
 import json
 print("RESULT " + json.dumps({

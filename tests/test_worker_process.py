@@ -1,8 +1,10 @@
 """The worker process behind ``background=True``: the pipe it is fed through, reducers
-from ``__main__``, a worker that dies or is sent Ctrl-C, and stores it cannot reopen."""
+from ``__main__``, a worker that dies, cannot start or is sent Ctrl-C, a callback that is
+dropped or outlived by its interpreter, and stores it cannot reopen."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -10,20 +12,44 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 import pytest
+from _live import DocumentRecorder
 from _reducers_for_tests import scaled
 from bluesky.plans import count
 from ophyd.sim import det
 
-from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback, AnalysisStoreError
+from bluesky_analysis_store import (
+    Abandoned,
+    AnalysisStore,
+    AnalysisStoreCallback,
+    AnalysisStoreError,
+)
 from bluesky_analysis_store._worker_process import MessagePipe, decode, encode
 
 HANG = 60.0  # bound on waits that end at once when things work
+
+
+def eventually(condition, what: str) -> None:
+    """Wait for ``condition()`` (a background thread makes it true); fail after HANG."""
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {HANG} s"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie not yet reaped by its parent counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --- the pipe --------------------------------------------------------------------------------
@@ -118,7 +144,7 @@ def test_a_killed_worker_does_not_break_the_scan_and_the_next_run_gets_a_new_one
     RE, store, make_callback, caplog
 ):
     callback = make_callback([scaled])
-    RE.subscribe(callback)
+    callback.subscribe(RE)
     RE(count([det], num=1))  # the worker is up
     first_pid = callback.worker_pid
 
@@ -130,13 +156,15 @@ def test_a_killed_worker_does_not_break_the_scan_and_the_next_run_gets_a_new_one
             yield from bps.trigger_and_read([det])
 
     with caplog.at_level(logging.WARNING, logger="bluesky_analysis_store"):
-        (lost_uid,) = RE(killed_halfway())  # completes, no exception
+        (lost_uid,) = RE(killed_halfway())  # completes, no exception, no endless wait
+        # The new worker starts in the background, a second after the old one died.
+        eventually(lambda: callback.worker_pid != first_pid, "a new worker process")
         (next_uid,) = RE(count([det], num=3))
 
-    assert callback.worker_pid != first_pid
     messages = [r.getMessage() for r in caplog.records]
-    assert any("worker process ended" in m for m in messages), messages
-    assert any("starting a new one" in m for m in messages), messages
+    [death] = [m for m in messages if "worker process ended" in m]  # said once
+    assert "killed by SIGKILL" in death and "starting a new one in 1 s" in death, death
+    assert any(lost_uid in m and "ended first" in m for m in messages), messages
     for child_uid in store.children(lost_uid):  # begun, perhaps, but never finished
         assert store[child_uid].metadata.get("stop") is None
     (child_uid,) = store.children(next_uid)
@@ -146,7 +174,7 @@ def test_a_killed_worker_does_not_break_the_scan_and_the_next_run_gets_a_new_one
 def test_ctrl_c_does_not_reach_the_worker(RE, store, make_callback):
     """Ctrl-C at the prompt pauses a scan; it must not end the reduction."""
     callback = make_callback([scaled])
-    RE.subscribe(callback)
+    callback.subscribe(RE)
     RE(count([det], num=1))
     pid = callback.worker_pid
     os.kill(pid, signal.SIGINT)
@@ -159,9 +187,142 @@ def test_ctrl_c_does_not_reach_the_worker(RE, store, make_callback):
 def test_closing_ends_the_worker_process(store):
     callback = AnalysisStoreCallback([scaled], store)
     pid = callback.worker_pid
-    callback.close(timeout=HANG)
+    assert callback.close(timeout=HANG) == Abandoned()  # nothing was left undone
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # already reaped: it ended
+
+
+def test_a_dropped_callback_stops_its_worker(store):
+    callback = AnalysisStoreCallback([scaled], store)
+    pid = callback.worker_pid
+    assert callback.flush(timeout=HANG)  # up, with its sender and listener threads
+    del callback
+    gc.collect()
+    eventually(lambda: not running(pid), "the worker of a dropped callback ended")
+
+
+def test_close_says_what_it_left_undone(RE, store, make_callback):
+    raw = DocumentRecorder()
+    RE.subscribe(raw)
+    (open_uid,) = RE(count([det], num=2))
+    callback = make_callback([scaled])
+    for name, doc in raw.run(open_uid)[:-1]:  # all but its stop
+        callback(name, doc)
+
+    abandoned = callback.close(timeout=HANG)
+
+    assert abandoned == Abandoned(documents=0, runs=(open_uid,))
+
+
+# --- a worker that cannot start ---------------------------------------------------------------
+
+VANISHING = "def plus_one(data):\n    return {'plus_one': float(data['det']) + 1.0}\n"
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_is_replaced_with_growing_delays(
+    RE, store, make_callback, tmp_path, monkeypatch, caplog
+):
+    """Its reducer's module is gone when the worker process imports it: the worker ends at
+    once, again and again, until the module is back."""
+    module = tmp_path / "vanishing_reducer.py"
+    module.write_text(VANISHING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_reducer
+
+    callback = make_callback([vanishing_reducer.plus_one])
+    module.unlink()
+    deaths: list[str] = []
+
+    def died(count: int) -> bool:
+        deaths[:] = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
+        return len(deaths) >= count
+
+    with caplog.at_level(logging.INFO, logger="bluesky_analysis_store"):
+        for attempt in (1, 2):
+            pid = callback.worker_pid
+            assert callback.flush(timeout=HANG) is False  # sends it the reducers: it ends
+            eventually(lambda attempt=attempt: died(attempt), "the worker's end logged")
+            eventually(lambda pid=pid: callback.worker_pid != pid, "a new worker process")
+        module.write_text(VANISHING)
+        assert callback.flush(timeout=HANG) is True
+        callback.subscribe(RE)
+        (raw_uid,) = RE(count([det], num=2))
+
+    assert len(deaths) == 2, deaths
+    assert "exit status 1" in deaths[0] and "starting a new one in 1 s" in deaths[0]
+    assert "starting a new one in 2 s" in deaths[1]
+    (child_uid,) = store.children(raw_uid)
+    np.testing.assert_allclose(
+        store[child_uid]["primary"]["plus_one"].read(), [det.read()["det"]["value"] + 1.0] * 2
+    )
+
+
+# --- interpreter exit -------------------------------------------------------------------------
+
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    # Scans and exits without closing the callback, while its worker is seconds behind.
+    import functools, logging, sys
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from ophyd.sim import det
+    from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback, _handover
+    from _live import slow_scaled
+
+    logging.basicConfig(level=logging.WARNING)
+    store_folder, background, exit_timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    _handover.EXIT_TIMEOUT_SECONDS = exit_timeout
+    background = {"foreground": False, "process": "process"}.get(background, background)
+    store = AnalysisStore.open(store_folder)
+    RE = RunEngine({})
+    callback = AnalysisStoreCallback(
+        [functools.partial(slow_scaled, seconds=0.05)], store, background=background
+    )
+    RE.subscribe(callback)  # no waiting: RE(...) returns with the reduction behind
+    (uid,) = RE(count([det], num=60))
+    print(uid, flush=True)
+    """
+)
+
+
+def run_and_exit(store_folder: Path, background: str, exit_timeout: float):
+    return subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(store_folder), background, str(exit_timeout)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
+
+
+@pytest.mark.parametrize(
+    "background",
+    ["thread", pytest.param("process", marks=pytest.mark.slow), "foreground"],
+)
+def test_at_exit_the_queued_work_is_finished(store, module_store_folder, background):
+    result = run_and_exit(module_store_folder, background, exit_timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw_uid = result.stdout.split()[-1]
+
+    (child_uid,) = store.children(raw_uid)
+    child = store[child_uid]
+    assert child.stop["num_events"] == {"primary": 60}
+    assert len(child["primary"]["total"].read()) == 60
+    assert "could not finish" not in result.stderr
+
+
+@pytest.mark.slow
+def test_at_exit_work_that_takes_too_long_is_left_behind_with_a_log_line(
+    store, module_store_folder
+):
+    result = run_and_exit(module_store_folder, "thread", exit_timeout=0.5)
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw_uid = result.stdout.split()[-1]
+    [line] = [x for x in result.stderr.splitlines() if "could not finish" in x]
+    assert "worker thread" in line and raw_uid in line and "documents not reduced" in line
+    for child_uid in store.children(raw_uid):
+        assert store[child_uid].metadata.get("stop") is None
 
 
 # --- what cannot go to a worker process ---------------------------------------------------

@@ -44,6 +44,10 @@ RE.subscribe(store)  # raw runs (here the same catalog; at a facility, the raw d
 # The reduction runs in a worker process started here (roi_sum is sent to it), so the scan
 # does not wait for it; its log records, reducer tracebacks among them, show up here.
 analysis = AnalysisStoreCallback([roi_sum], store, md={"beamline": "sim"})
-RE.subscribe(analysis)
+# RE.subscribe(analysis), and each plan waits after its runs for their derived data (on the
+# RunEngine's loop, without blocking it: Ctrl-C still pauses): RE(...) returns once the
+# child run is saved. A plain RE.subscribe(analysis) returns sooner, with the derived data
+# still being saved; analysis.flush() waits for it then.
+analysis.subscribe(RE)
 
 print(f"analysis store: {STORE}; try RE(scan([cam], motor, -3, 3, 21))")
