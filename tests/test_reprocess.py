@@ -56,7 +56,7 @@ def files_of(store: AnalysisStore, child_uid: str) -> list[str]:
 def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor, make_callback):
     reducers = [normalise_and_sum, row_sums, DarkSubtracted(key="cam")]
     writers = {"corrected": "TIFF"}
-    RE.subscribe(make_callback(reducers, writers=writers))
+    make_callback(reducers, writers=writers).subscribe(RE)
     # Two different dark frames: the second replaces the first half way, so the offline
     # replay must interleave the streams in time exactly as the RunEngine emitted them.
     plan = dark_then_positions(cam, motor, [-2.0, -1.0, 0.5, 1.0, 2.0], darks={0: -4.0, 3: 4.0})
@@ -124,7 +124,7 @@ def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
     reducers = [normalise_and_sum]
     corrupt_at = 2
     # Reduce three runs live first, the one that will be corrupted among them.
-    live_token = RE.subscribe(make_callback(reducers))
+    live_token = make_callback(reducers).subscribe(RE)
     raw_uids = []
     for n in range(20):
         if n == 3:
@@ -186,7 +186,7 @@ def test_same_code_is_skipped_and_other_code_gives_a_new_child_beside_the_old(
     RE, store, cam, make_callback
 ):
     doubled = functools.partial(scaled_total, factor=2.0)
-    RE.subscribe(make_callback([doubled]))
+    make_callback([doubled]).subscribe(RE)
     (raw_uid,) = RE(count([cam], num=3))
     [live_uid] = store.children(raw_uid)
 

@@ -44,7 +44,7 @@ def live_child(
     RE: RunEngine, store: AnalysisStore, cam: Any, motor: Any, make_callback: Any  # noqa: N803
 ) -> tuple[str, str]:
     """A raw run with a ``dark`` and a ``primary`` stream, reduced live: (raw uid, child uid)."""
-    RE.subscribe(make_callback(REDUCERS))
+    make_callback(REDUCERS).subscribe(RE)
     (raw_uid,) = RE(dark_then_positions(cam, motor, POSITIONS, DARKS))
     (child_uid,) = store.children(raw_uid)
     return raw_uid, child_uid
@@ -152,7 +152,7 @@ def test_changed_code_is_refused_and_when_allowed_the_difference_is_reported(
 ):
     first_commit = git(code_checkout, "rev-parse", "HEAD")
     module = importlib.import_module(GIT_MODULE)
-    RE.subscribe(make_callback([module.frame_total]))
+    make_callback([module.frame_total]).subscribe(RE)
     (raw_uid,) = RE(count([cam], num=3))
     (child_uid,) = store.children(raw_uid)
     [code] = store[child_uid].start["provenance"]["code"]
