@@ -8,10 +8,12 @@ from ._errors import (
     AssetLocationError,
     DataKeyError,
     DataValueError,
+    DeliveryError,
     DiskFullError,
     FormatRegistryError,
     FrameWriteError,
     IngestError,
+    JournalError,
     MetadataError,
     ProvenanceError,
     RunNotFoundError,
@@ -24,7 +26,8 @@ from ._provenance import code_record, environment_record, make_provenance
 from ._reducers import Reducer
 from ._reprocess import ReprocessReport, reprocess
 from ._reproduce import ReproduceReport, reproduce
-from ._store import STORE_ENV, AnalysisStore
+from ._recovery import RecoveryReport
+from ._store import JOURNAL_ENV, STORE_ENV, AnalysisStore, ChildRun
 from ._writer_specs import DATA_ROOT_ENV
 from .formats import FileFormat, FormatRegistry, Handler, RewindableWriter, Writer, formats
 
@@ -43,6 +46,8 @@ __all__ = [
     "reproduce",
     # Composing and saving runs
     "AnalysisStore",
+    "ChildRun",
+    "RecoveryReport",
     "RunComposer",
     "compose_documents",
     # Provenance
@@ -58,6 +63,7 @@ __all__ = [
     "formats",
     # Configuration
     "DATA_ROOT_ENV",
+    "JOURNAL_ENV",
     "STORE_ENV",
     # Errors
     "AnalysisStoreError",
@@ -65,10 +71,12 @@ __all__ = [
     "AssetLocationError",
     "DataKeyError",
     "DataValueError",
+    "DeliveryError",
     "DiskFullError",
     "FormatRegistryError",
     "FrameWriteError",
     "IngestError",
+    "JournalError",
     "MetadataError",
     "ProvenanceError",
     "RunNotFoundError",

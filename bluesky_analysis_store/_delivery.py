@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import AnalysisStoreError
-from ._journal import JournalError, RunJournal, read_journal
+from ._errors import DeliveryError, JournalError
+from ._journal import RunJournal, read_journal
 
 __all__ = [
     "Delivery",
@@ -52,10 +52,6 @@ RETRY_MAX_SECONDS = 30.0
 # is then settled (the scan need not wait for a server that tiled's client retries for
 # tens of seconds per request).
 STALL_SECONDS = 3.0
-
-
-class DeliveryError(AnalysisStoreError, RuntimeError):
-    """A run could not be delivered to the store (its journal keeps it)."""
 
 
 Document = tuple[str, dict[str, Any]]
@@ -275,7 +271,11 @@ class Delivery:
         done = threading.Event()
         result: list[bool] = []
         self._queue.put(("flush", done, result))
-        return done.wait(timeout) and all(result)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(1.0 if deadline is None else min(1.0, deadline - time.monotonic())):
+            if not self._thread.is_alive() or (deadline and time.monotonic() >= deadline):
+                return False
+        return all(result)
 
     def close(self, timeout: float | None = None) -> list[Path]:
         """Deliver what is queued (retrying failed runs until ``timeout``), then release
@@ -304,6 +304,16 @@ class Delivery:
     # --- the thread ---------------------------------------------------------------------
 
     def _deliver_all(self) -> None:
+        try:
+            self._deliver_until_closed()
+        except Exception:  # a defect here must not pass silently: the journals keep the runs
+            logger.exception(
+                "the delivery of derived data stopped; child runs stay in the journal %s for "
+                "`bluesky-analysis-store recover`",
+                self.folder,
+            )
+
+    def _deliver_until_closed(self) -> None:
         self._recover_left_over()
         last_flush = time.monotonic()
         while True:

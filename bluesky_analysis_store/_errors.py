@@ -8,10 +8,12 @@ __all__ = [
     "AssetLocationError",
     "DataKeyError",
     "DataValueError",
+    "DeliveryError",
     "DiskFullError",
     "FormatRegistryError",
     "FrameWriteError",
     "IngestError",
+    "JournalError",
     "MetadataError",
     "ProvenanceError",
     "RunNotFoundError",
@@ -76,3 +78,12 @@ class RunNotFoundError(AnalysisStoreError, KeyError):
 class IngestError(AnalysisStoreError, ValueError):
     """An input that ingest cannot take: a missing path, an unsupported file type, an empty
     folder, an HDF5 dataset that is not in its file, or a stream name already taken."""
+
+
+class JournalError(AnalysisStoreError, OSError):
+    """A journal that cannot be written, locked or read (the derived data it would hold is
+    recorded as failed, never half-written)."""
+
+
+class DeliveryError(AnalysisStoreError, RuntimeError):
+    """A run could not be delivered to the store; its journal keeps it for ``recover``."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import AnalysisStoreError
+from ._errors import JournalError
 
 __all__ = [
     "JOURNAL_SUFFIX",
@@ -45,10 +45,6 @@ logger = logging.getLogger(__name__)
 JOURNAL_SUFFIX = ".journal"
 _UID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _ARRAY_TAG = "__bas_ndarray__"
-
-
-class JournalError(AnalysisStoreError, OSError):
-    """A journal that cannot be written, locked or read."""
 
 
 # --- encoding -----------------------------------------------------------------------------

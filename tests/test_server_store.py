@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+from _faults import API_KEY, TiledServer
 from _helpers import (
     DTYPES,
     FORMAT_NAMES,
@@ -28,78 +26,28 @@ from bluesky_analysis_store import AnalysisStore, AssetLocationError, RunNotFoun
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 
-API_KEY = "secret"
-STARTUP_DEADLINE = 120.0  # seconds to wait for the server to answer, not a measured time
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.assets = folder / "assets"
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
+    server = TiledServer(tmp_path_factory.mktemp("tiled-server"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = tmp_path_factory.mktemp("tiled-server")
-    srv = Server(folder)
-    for name in ("data", "assets"):
-        (folder / name).mkdir()
-    tiled = Path(sys.executable).with_name("tiled")
-    command = [
-        str(tiled), "serve", "catalog", str(folder / "catalog.db"), "--init",
-        "--write", str(folder / "data"), "--write", f"sqlite:///{folder / 'tables.db'}",
-        "--read", str(srv.assets),
-        "--host", "127.0.0.1", "--port", str(srv.port), "--api-key", API_KEY,
-    ]
-    log_path = folder / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
-        try:
-            deadline = time.monotonic() + STARTUP_DEADLINE
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"tiled server exited with {process.returncode}:\n"
-                                + log_path.read_text())
-                try:
-                    response = httpx.get(f"{srv.uri}/api/v1/", timeout=2)
-                    if response.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("tiled server did not answer:\n" + log_path.read_text())
-                time.sleep(0.2)
-            yield srv
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-@pytest.fixture(scope="module")
-def store(server: Server) -> AnalysisStore:
+def store(server: TiledServer) -> AnalysisStore:
     return AnalysisStore.from_uri(server.uri, api_key=API_KEY, asset_root=server.assets,
                                   readable_roots=[server.assets])
 
 
-def fresh_reader(server: Server) -> AnalysisStore:
+def fresh_reader(server: TiledServer) -> AnalysisStore:
     """A new client: what it reads, the server read from its catalog and files."""
     return AnalysisStore.from_uri(server.uri, api_key=API_KEY)
 
 
 @pytest.fixture(scope="module")
-def saved(server: Server, store: AnalysisStore) -> dict[str, tuple[str, dict[str, list]]]:
+def saved(server: TiledServer, store: AnalysisStore) -> dict[str, tuple[str, dict[str, list]]]:
     """One run per format with an image and a pattern key per dtype (one save per format)."""
     runs = {}
     for fmt_name in FORMAT_NAMES:
@@ -117,7 +65,7 @@ def saved(server: Server, store: AnalysisStore) -> dict[str, tuple[str, dict[str
 
 
 @pytest.fixture(scope="module")
-def reader(server: Server, saved) -> AnalysisStore:
+def reader(server: TiledServer, saved) -> AnalysisStore:
     """A new client: what it reads, the server read from its catalog and files."""
     return AnalysisStore.from_uri(server.uri, api_key=API_KEY)
 
@@ -125,7 +73,7 @@ def reader(server: Server, saved) -> AnalysisStore:
 @pytest.mark.parametrize("fmt_name", FORMAT_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_save_and_read_back_through_the_server(
-    fmt_name, dtype, server: Server, saved, reader: AnalysisStore
+    fmt_name, dtype, server: TiledServer, saved, reader: AnalysisStore
 ) -> None:
     uid, frames = saved[fmt_name]
     assert files_under(server.assets / uid)
@@ -138,7 +86,7 @@ def test_save_and_read_back_through_the_server(
     assert run.stop["num_events"] == {"primary": 3}
 
 
-def test_save_uses_the_asset_root_by_default(server: Server, store: AnalysisStore) -> None:
+def test_save_uses_the_asset_root_by_default(server: TiledServer, store: AnalysisStore) -> None:
     frames = make_frames("uint16", (3, 3), count=2)
     uid = store.save([{"primary": {"img": f}} for f in frames], {}, {"img": "TIFF"},
                      **PROVENANCE)
@@ -146,7 +94,7 @@ def test_save_uses_the_asset_root_by_default(server: Server, store: AnalysisStor
     assert_same_array(fresh_reader(server)[uid]["primary"]["img"].read(), np.stack(frames))
 
 
-def test_children_and_missing_runs(server: Server, store: AnalysisStore) -> None:
+def test_children_and_missing_runs(server: TiledServer, store: AnalysisStore) -> None:
     parent = str(uuid.uuid4())
     first = store.save([{"primary": {"x": 1.0}}], {}, parents=[parent], code=np.mean)
     time.sleep(0.01)
@@ -160,7 +108,7 @@ def test_children_and_missing_runs(server: Server, store: AnalysisStore) -> None
 
 
 def test_assets_the_server_cannot_read_are_refused(
-    server: Server, store: AnalysisStore, tmp_path: Path
+    server: TiledServer, store: AnalysisStore, tmp_path: Path
 ) -> None:
     before = set(store.client)
     with pytest.raises(AssetLocationError):
@@ -171,7 +119,7 @@ def test_assets_the_server_cannot_read_are_refused(
     assert set(store.client) == before
 
 
-def test_open_accepts_a_server_uri(server: Server, store: AnalysisStore,
+def test_open_accepts_a_server_uri(server: TiledServer, store: AnalysisStore,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     uid = store.save([{"primary": {"x": 1}}], {"via": "open"}, **PROVENANCE)
     monkeypatch.setenv("TILED_API_KEY", API_KEY)
@@ -182,7 +130,7 @@ def test_open_accepts_a_server_uri(server: Server, store: AnalysisStore,
 
 
 def test_a_live_callback_saves_through_the_server_from_its_worker_process(
-    server: Server, store: AnalysisStore
+    server: TiledServer, store: AnalysisStore
 ) -> None:
     """The worker process connects to the server again, with the same API key."""
     from bluesky import RunEngine
