@@ -45,8 +45,11 @@ class AnalysisStoreCallback:
       reduction and saving run on another core and never hold the RunEngine's interpreter
       lock. The reducers and the store are sent to it (the store is opened again there);
       their log records come back and are logged here. If it ends unexpectedly (or cannot
-      start), a new one is started after 1 s, 2 s, 4 s ... (at most 60 s); the runs it had,
-      and runs that start before the new one is up, get no complete child run.
+      start), a new one is started after 1 s, 2 s, 4 s ... (at most 60 s); the child runs
+      it had are closed as failed from their journals by the new one, and runs that start
+      before the new one is up get no child run. ``memory_limit`` (bytes of resident
+      memory) stops a worker that grows beyond it (a leaking reducer): its open child runs
+      end with ``exit_status: "fail"`` and a reason saying so, and a new worker starts.
     - ``"thread"``: on a worker thread of this process.
     - ``False`` (foreground): on the RunEngine's event loop, document by document. Each
       event's reduction and saving then runs on the loop by design, between the plan's
@@ -103,8 +106,11 @@ class AnalysisStoreCallback:
         queue_bytes: int = 256 * 2**20,
         stop_timeout: float | None = None,
         root_map: Mapping[str, str] | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         self.mode = _mode(background)
+        if memory_limit is not None and self.mode != "process":
+            raise AnalysisStoreError("memory_limit needs the worker process (background=True)")
         if self.mode != "foreground" and on_error == "raise":
             # An error in the worker cannot reach the RunEngine; it would end the worker,
             # and the next raw stop would then wait for the child run in vain.
@@ -137,7 +143,11 @@ class AnalysisStoreCallback:
             from ._worker_process import ProcessWorker
 
             self._worker = ProcessWorker(
-                self.plan, store, queue_size=queue_size, queue_bytes=queue_bytes
+                self.plan,
+                store,
+                queue_size=queue_size,
+                queue_bytes=queue_bytes,
+                memory_limit=memory_limit,
             )
         elif self.mode == "thread":
             from ._worker_thread import ThreadWorker

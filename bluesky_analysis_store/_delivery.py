@@ -301,6 +301,22 @@ class Delivery:
             )
         return left
 
+    def end_open_runs(self, reason: str) -> None:
+        """Close every run whose stop is not journaled with a stop of ``exit_status:
+        "fail"`` and ``reason``, in its journal only, for a process about to end abruptly
+        (``recover`` delivers them)."""
+        from ._recovery import interrupted_stop
+
+        with self._lock:
+            runs = [r for r in self._runs.values() if not r.stopped]
+        for run in runs:
+            try:
+                contents = read_journal(run.journal.path)
+                run.journal.append("stop", interrupted_stop(contents, run.journal.run_uid, reason))
+                run.journal.sync()
+            except Exception:
+                logger.exception("child run %s could not be closed", run.journal.run_uid)
+
     # --- the thread ---------------------------------------------------------------------
 
     def _deliver_all(self) -> None:

@@ -107,7 +107,9 @@ def _recover_one(store: Any, journal: RunJournal, report: RecoveryReport) -> Non
     report.delivered.append(uid)
 
 
-def interrupted_stop(contents: JournalContents, uid: str) -> dict[str, Any]:
+def interrupted_stop(
+    contents: JournalContents, uid: str, reason: str = INTERRUPTED_REASON
+) -> dict[str, Any]:
     counts = expected_counts(contents.documents)
     events = sum(counts.events.values())
     stop = {
@@ -115,7 +117,7 @@ def interrupted_stop(contents: JournalContents, uid: str) -> dict[str, Any]:
         "time": time.time(),
         "run_start": uid,
         "exit_status": "fail",
-        "reason": INTERRUPTED_REASON,
+        "reason": reason,
         "num_events": dict(counts.events),
         "reduction": {
             "events_reduced": events,

@@ -146,13 +146,14 @@ def _widen(fd: int) -> None:
 # --- this side: the callback's --------------------------------------------------------------
 
 
-def setup_message(plan: ReductionPlan, store: Any) -> list[Any]:
+def setup_message(plan: ReductionPlan, store: Any, memory_limit: int | None = None) -> list[Any]:
     """What a new worker process needs, pickled now: a reducer or a store that cannot be
     sent is refused when the callback is made, not at the first scan."""
     import cloudpickle
 
     context = {
         "sys_path": list(sys.path),
+        "memory_limit": memory_limit,
         # Records below both are dropped here anyway: they need not be sent.
         "log_level": min(
             logging.getLogger("bluesky_analysis_store").getEffectiveLevel(),
@@ -213,9 +214,15 @@ class ProcessWorker:
     """Reduces in a worker process, started now and replaced whenever it ends."""
 
     def __init__(
-        self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int
+        self,
+        plan: ReductionPlan,
+        store: Any,
+        *,
+        queue_size: int,
+        queue_bytes: int,
+        memory_limit: int | None = None,
     ) -> None:
-        self._setup = setup_message(plan, store)
+        self._setup = setup_message(plan, store, memory_limit)
         self._queue = DocumentQueue(queue_size, queue_bytes)
         self.runs = RunWaiter()
         self._flushes: dict[int, threading.Event] = {}
@@ -542,6 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.exception("the analysis worker could not load its reducers or open its store")
         return 1
     _only_forward(root)
+    if context.get("memory_limit"):
+        threading.Thread(
+            target=_watch_memory, args=(context["memory_limit"], router), daemon=True
+        ).start()
     tell("ready")
     reason = _ORPHANED_REASON
     try:
@@ -552,6 +563,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the store takes in a bounded time and leave the rest in the journal.
         router.close(reason=reason, timeout=_DELIVERY_AT_EXIT_SECONDS)
     return 0
+
+
+# How often the worker compares its resident memory with its limit.
+_MEMORY_CHECK_SECONDS = 0.25
+# Exit status of a worker stopped by its memory limit (then replaced as after any death).
+EXIT_MEMORY_LIMIT = 75
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _watch_memory(limit: int, router: LiveRouter) -> None:
+    """Stop the worker once it holds more than ``limit`` bytes (a leaking reducer), its
+    open child runs closed as failed with that reason in their journals first."""
+    while True:
+        time.sleep(_MEMORY_CHECK_SECONDS)
+        resident = _resident_bytes()
+        if resident <= limit:
+            continue
+        reason = (
+            f"stopped: the analysis worker held {resident / 2**20:.0f} MiB, over its memory "
+            f"limit of {limit / 2**20:.0f} MiB (AnalysisStoreCallback(memory_limit=...))"
+        )
+        logger.error("%s; its open child runs end as failed and a new worker starts", reason)
+        router.delivery.end_open_runs(reason)
+        logging.shutdown()
+        os._exit(EXIT_MEMORY_LIMIT)
 
 
 _ORPHANED_REASON = (

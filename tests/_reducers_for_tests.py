@@ -169,3 +169,12 @@ class SeqNumFrames(Reducer):
     def event(self, stream: str, data: Mapping[str, Any], doc: Mapping[str, Any]) -> dict:
         n = doc["seq_num"]
         return {"y": float(n), "frame": np.full((16, 16), n, dtype=np.float32)}
+
+
+_LEAKED: list[np.ndarray] = []
+
+
+def leaking(data: Mapping[str, Any]) -> dict:
+    """A reducer that keeps 64 MiB more of every event (a leak)."""
+    _LEAKED.append(np.ones(8 * 2**20))
+    return {"held": float(len(_LEAKED))}

@@ -92,3 +92,46 @@ def test_catalog_disk_full_during_a_scan_then_space_returns(
     assert reader[child_uid].metadata["stop"]["num_events"] == {"primary": POINTS}
     assert reader[earlier]["primary"]["x"].read().tolist() == [1.0]
     assert not list((tmp_path / "journal").glob("*.journal"))
+
+
+@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "fg"])
+def test_asset_disk_full_during_a_scan_then_space_returns(
+    RE, small_disk, tmp_path, monkeypatch, background  # noqa: N803
+):
+    """Frames that do not fit fail their events, recorded, without a crash; the events
+    after space returns are saved, each in the row of its raw event."""
+    monkeypatch.setenv(JOURNAL_ENV, str(tmp_path / "journal"))
+    store = AnalysisStore.open(tmp_path / "store", readable=[small_disk])
+    assets = small_disk / f"assets-{background}"
+    callback = AnalysisStoreCallback(
+        [SeqNumFrames()], store, background=background, root=str(assets), stop_timeout=30
+    )
+    assert callback.flush(DEADLINE)
+    callback.subscribe(RE)
+    raw: list[str] = []
+    RE.subscribe(lambda name, doc: raw.append(doc["uid"]) if name == "start" else None)
+
+    def free_space_after_the_fourth_event(name: str, doc: dict) -> None:
+        if name == "event" and doc["seq_num"] == 4:
+            assert callback.flush(DEADLINE)  # events 1-4 met the full disk
+            filler.unlink()
+
+    RE.subscribe(free_space_after_the_fourth_event)
+    filler = fill(small_disk)
+    try:
+        RE(count([det], num=POINTS))
+    finally:
+        filler.unlink(missing_ok=True)
+    assert callback.flush(DEADLINE)
+    callback.close(timeout=DEADLINE)
+    (child_uid,) = store.children(raw[0])
+    child = store[child_uid]
+    reduction = child.metadata["stop"]["reduction"]
+    assert reduction["events_failed"] >= 4
+    assert all("DiskFullError" in f["error"] for f in reduction["failures"])
+    saved = child["primary"]["parent_seq_num"].read()
+    assert len(saved) == POINTS - reduction["events_failed"] and len(saved) > 0
+    np.testing.assert_array_equal(child["primary"]["y"].read(), saved.astype(float))
+    frames = child["primary"]["frame"].read()
+    for row, n in enumerate(saved):
+        assert (frames[row] == n).all(), f"row {row} holds the frame of event {frames[row, 0, 0]}"

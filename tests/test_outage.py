@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 from _faults import API_KEY, TiledServer, record_outcome
-from _reducers_for_tests import SeqNumFrames
+from _reducers_for_tests import SeqNumFrames, leaking
 from bluesky.plans import count
 from ophyd.sim import det
 
@@ -224,5 +224,32 @@ def test_sigkill_of_the_worker_mid_scan_leaves_a_closed_child(RE, store):  # noq
             scenario="worker killed mid-scan, then recover", fault="SIGKILL",
         )  # fmt: skip
         assert stop["num_events"]["primary"] >= 10
+    finally:
+        callback.close(timeout=DEADLINE)
+
+
+def test_a_leaking_reducer_is_stopped_by_the_memory_limit(RE, store):  # noqa: N803
+    callback = AnalysisStoreCallback([leaking], store, memory_limit=900 * 2**20)
+    assert callback.flush(DEADLINE)
+    first_worker = callback.worker_pid
+    raw: list[str] = []
+    RE.subscribe(callback)
+    RE.subscribe(lambda name, doc: raw.append(doc["uid"]) if name == "start" else None)
+    try:
+        RE(count([det], num=40, delay=0.1))
+        assert wait_until_gone(first_worker), "the worker went on growing"
+        # Its successor closes the child run from the journal when it starts.
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end:
+            children = store.children(raw[0])
+            if children and store[children[0]].metadata.get("stop"):
+                break
+            time.sleep(0.5)
+        (child_uid,) = store.children(raw[0])
+        stop = store[child_uid].metadata["stop"]
+        assert stop["exit_status"] == "fail" and "memory limit" in stop["reason"]
+        held = store[child_uid]["primary"]["held"].read()
+        np.testing.assert_array_equal(held, np.arange(1, len(held) + 1, dtype=float))
+        assert stop["num_events"] == {"primary": len(held)}
     finally:
         callback.close(timeout=DEADLINE)
