@@ -23,10 +23,10 @@ from ._handover import Abandoned
 from ._ingest import ingest
 from ._plans import wait_for_derived, wait_for_derived_decorator, wait_for_derived_wrapper
 from ._provenance import code_record, environment_record, make_provenance
+from ._recovery import RecoveryReport
 from ._reducers import Reducer
 from ._reprocess import ReprocessReport, reprocess
 from ._reproduce import ReproduceReport, reproduce
-from ._recovery import RecoveryReport
 from ._store import JOURNAL_ENV, STORE_ENV, AnalysisStore, ChildRun
 from ._writer_specs import DATA_ROOT_ENV
 from .formats import FileFormat, FormatRegistry, Handler, RewindableWriter, Writer, formats

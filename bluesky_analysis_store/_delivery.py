@@ -224,7 +224,9 @@ class Delivery:
         )
         self._thread.start()
         threading.Thread(
-            target=_watch_for_stalls, args=(weakref.ref(self),), name="analysis-store-watchdog",
+            target=_watch_for_stalls,
+            args=(weakref.ref(self),),
+            name="analysis-store-watchdog",
             daemon=True,
         ).start()
 

@@ -76,9 +76,7 @@ class LiveRouter:
             if run is not None and not run.done:
                 logger.error("child run of %s was not completed", raw_uid)
             child_uid = run.child_uid if run is not None and run.done else None
-            self.delivery.when_settled(
-                child_uid, functools.partial(self._on_run_finished, raw_uid)
-            )
+            self.delivery.when_settled(child_uid, functools.partial(self._on_run_finished, raw_uid))
 
     def flush_store(self, timeout: float | None = None) -> bool:
         """Deliver every child document made so far and write the rows buffered for open

@@ -127,9 +127,7 @@ def stand_in_stop(run: Any) -> dict[str, Any]:
     }
 
 
-def replay_run(
-    run: Any, *, stand_in: bool = False
-) -> Iterator[tuple[str, dict[str, Any]]]:
+def replay_run(run: Any, *, stand_in: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(name, doc)``: start, descriptors, events with data loaded, stop.
 
     A run without a stop document ends after its last saved event, with no stop, unless

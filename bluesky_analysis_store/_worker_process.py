@@ -43,11 +43,11 @@ from typing import Any
 from ._errors import AnalysisStoreError
 from ._handover import (
     Abandoned,
-    unfinished_runs,
     DocumentQueue,
     RunWaiter,
     array_bytes,
     close_at_exit,
+    unfinished_runs,
     wait_while_alive,
 )
 from ._live_router import LiveRouter
@@ -286,9 +286,10 @@ class ProcessWorker:
             if not self._put(("flush", token), urgent=True):
                 return False
             # Set by the worker's answer, which says whether the store took everything.
-            return wait_while_alive(done, timeout, self.alive) and self._flushes_failed.pop(
-                token, None
-            ) is None
+            return (
+                wait_while_alive(done, timeout, self.alive)
+                and self._flushes_failed.pop(token, None) is None
+            )
         finally:
             self._flushes.pop(token, None)
 

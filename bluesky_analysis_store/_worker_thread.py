@@ -14,11 +14,11 @@ from typing import Any
 
 from ._handover import (
     Abandoned,
-    unfinished_runs,
     DocumentQueue,
     RunWaiter,
     array_bytes,
     close_at_exit,
+    unfinished_runs,
     wait_while_alive,
 )
 from ._live_router import LiveRouter

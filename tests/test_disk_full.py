@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _faults import record_outcome
 from _reducers_for_tests import SeqNumFrames
 from bluesky.plans import count
 from ophyd.sim import det
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 POINTS = 10
 DEADLINE = 120.0  # seconds, at most, not a measured time
 TMPFS_SIZE = "48m"
+MODES = {True: "worker process", "thread": "worker thread", False: "foreground"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "fg"])
+@pytest.mark.parametrize("background", list(MODES), ids=["process", "thread", "fg"])
 def test_catalog_disk_full_during_a_scan_then_space_returns(
     RE, small_disk, tmp_path, monkeypatch, background  # noqa: N803
 ):
@@ -90,11 +92,15 @@ def test_catalog_disk_full_during_a_scan_then_space_returns(
     np.testing.assert_array_equal(primary["parent_seq_num"].read(), np.arange(1, POINTS + 1))
     np.testing.assert_array_equal(primary["y"].read(), np.arange(1, POINTS + 1, dtype=float))
     assert reader[child_uid].metadata["stop"]["num_events"] == {"primary": POINTS}
+    record_outcome(
+        f"catalog disk full during the scan, then space returns ({MODES[background]})",
+        "tmpfs filled", computed=POINTS, delivered=len(primary["parent_seq_num"].read()),
+    )  # fmt: skip
     assert reader[earlier]["primary"]["x"].read().tolist() == [1.0]
     assert not list((tmp_path / "journal").glob("*.journal"))
 
 
-@pytest.mark.parametrize("background", [True, "thread", False], ids=["process", "thread", "fg"])
+@pytest.mark.parametrize("background", list(MODES), ids=["process", "thread", "fg"])
 def test_asset_disk_full_during_a_scan_then_space_returns(
     RE, small_disk, tmp_path, monkeypatch, background  # noqa: N803
 ):
@@ -132,6 +138,11 @@ def test_asset_disk_full_during_a_scan_then_space_returns(
     saved = child["primary"]["parent_seq_num"].read()
     assert len(saved) == POINTS - reduction["events_failed"] and len(saved) > 0
     np.testing.assert_array_equal(child["primary"]["y"].read(), saved.astype(float))
+    record_outcome(
+        f"asset disk full for the first events, then space returns ({MODES[background]}; "
+        "events that met the full disk are recorded as failed)",
+        "tmpfs filled", computed=reduction["events_reduced"], delivered=len(saved),
+    )  # fmt: skip
     frames = child["primary"]["frame"].read()
     for row, n in enumerate(saved):
         assert (frames[row] == n).all(), f"row {row} holds the frame of event {frames[row, 0, 0]}"

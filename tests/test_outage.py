@@ -114,6 +114,48 @@ def test_server_stopped_mid_scan_and_started_again(RE, server, journal, sig):  #
             server.start()
 
 
+LONG_OUTAGE_SECONDS = 125.0
+
+
+def test_server_down_for_minutes_mid_scan(RE, server, journal):  # noqa: N803
+    """Over two minutes without the store, while the scan goes on: the delivery keeps
+    retrying with backoff and catches up once the server is back, before the scan ends."""
+    store = AnalysisStore.from_uri(server.uri, API_KEY, asset_root=server.assets)
+    callback = AnalysisStoreCallback([SeqNumFrames()], store, stop_timeout=60)
+    RE.subscribe(callback)
+    raw: list[str] = []
+    restarted = threading.Event()
+
+    def outage() -> None:
+        server.stop(signal.SIGKILL)
+        time.sleep(LONG_OUTAGE_SECONDS)
+        server.start()
+        restarted.set()
+
+    def kill_at_the_third_event(name: str, doc: dict) -> None:
+        if name == "start":
+            raw.append(doc["uid"])
+        if name == "event" and doc["seq_num"] == 3:
+            threading.Thread(target=outage).start()
+
+    RE.subscribe(kill_at_the_third_event)
+    assert callback.flush(DEADLINE)
+    points = int(LONG_OUTAGE_SECONDS / 2) + 15
+    try:
+        RE(count([det], num=points, delay=2.0))
+        assert restarted.wait(DEADLINE), "the server did not come back"
+        assert callback.flush(DEADLINE)
+        (child_uid,) = store.children(raw[0])
+        assert_every_event_once_and_aligned(
+            store, child_uid, points, scenario="server down for over two minutes mid-scan",
+            fault="SIGKILL",
+        )  # fmt: skip
+        assert not list(journal.glob("*.journal"))
+    finally:
+        callback.close(timeout=DEADLINE)
+        restarted.wait(DEADLINE)
+
+
 def run_session(store: str, env: dict[str, str], points: int = POINTS, delay: float = 0.1):
     # A file, not a pipe: a pipe nobody reads would block the worker that inherits it.
     stderr = tempfile.TemporaryFile("w+")
@@ -251,5 +293,9 @@ def test_a_leaking_reducer_is_stopped_by_the_memory_limit(RE, store):  # noqa: N
         held = store[child_uid]["primary"]["held"].read()
         np.testing.assert_array_equal(held, np.arange(1, len(held) + 1, dtype=float))
         assert stop["num_events"] == {"primary": len(held)}
+        record_outcome(
+            "leaking reducer stopped by the memory limit, child closed as failed",
+            "memory limit", computed=len(held), delivered=len(held),
+        )  # fmt: skip
     finally:
         callback.close(timeout=DEADLINE)

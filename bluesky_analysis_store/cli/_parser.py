@@ -19,8 +19,8 @@ from ._commands import (
     cmd_ingest,
     cmd_ls,
     cmd_plot,
-    cmd_reprocess,
     cmd_recover,
+    cmd_reprocess,
     cmd_reproduce,
     cmd_show,
 )
