@@ -146,3 +146,46 @@ def test_asset_disk_full_during_a_scan_then_space_returns(
     frames = child["primary"]["frame"].read()
     for row, n in enumerate(saved):
         assert (frames[row] == n).all(), f"row {row} holds the frame of event {frames[row, 0, 0]}"
+
+
+@pytest.fixture(scope="module")
+def read_only_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder mounted read-only (a bind mount of an empty one)."""
+    source = tmp_path_factory.mktemp("read-only-source")
+    target = tmp_path_factory.mktemp("read-only")
+    for command in (
+        ["mount", "--bind", str(source), str(target)],
+        ["mount", "-o", "remount,bind,ro", str(target)],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed (needs root): {result.stderr}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.mark.parametrize("background", list(MODES), ids=["process", "thread", "fg"])
+def test_a_read_only_asset_folder_fails_every_event_and_the_scan_goes_on(
+    RE, read_only_folder, tmp_path, monkeypatch, background  # noqa: N803
+):
+    monkeypatch.setenv(JOURNAL_ENV, str(tmp_path / "journal"))
+    store = AnalysisStore.open(tmp_path / "store", readable=[read_only_folder])
+    callback = AnalysisStoreCallback(
+        [SeqNumFrames()], store, background=background, root=str(read_only_folder),
+        stop_timeout=30,
+    )  # fmt: skip
+    callback.subscribe(RE)
+    raw: list[str] = []
+    RE.subscribe(lambda name, doc: raw.append(doc["uid"]) if name == "start" else None)
+    RE(count([det], num=POINTS))
+    assert callback.flush(DEADLINE)
+    callback.close(timeout=DEADLINE)
+    (child_uid,) = store.children(raw[0])
+    stop = store[child_uid].metadata["stop"]
+    assert stop["reduction"]["events_failed"] == POINTS
+    assert stop["reduction"]["events_reduced"] == 0
+    assert all("Read-only" in f["error"] or "EROFS" in f["error"] or "read-only" in f["error"]
+               for f in stop["reduction"]["failures"]), stop["reduction"]["failures"][0]["error"]
+    assert not list(read_only_folder.iterdir())
