@@ -270,7 +270,7 @@ def time_until_readable(
     and checked (``exact``: equal, else close). Returns the times and the child run's uid."""
     from bluesky.plans import count
 
-    token = RE.subscribe(callback)
+    unsubscribe = subscribe(RE, callback)
     try:
         t0 = time.perf_counter()
         (raw_uid,) = RE(count([source.signal], num=n))
@@ -280,12 +280,25 @@ def time_until_readable(
         last = norm[n - 1]
         t_total = time.perf_counter() - t0
     finally:
-        RE.unsubscribe(token)
+        unsubscribe()
     expected = reducers.normalise_and_sum({reducers.FRAME_KEY: source.last})["norm"]
     same = np.array_equal if exact else np.allclose
     if shape != (n, *FRAME_SHAPE) or not same(last, expected):
         raise RuntimeError(f"child run {child_uid} holds {shape}, or a wrong frame")
     return {"scan": t_scan, "readable": t_total - t_scan, "total": t_total}, child_uid
+
+
+def subscribe(RE: Any, callback: Any) -> Callable[[], None]:  # noqa: N803
+    """Subscribe ``callback`` so that ``RE(...)`` returns once its derived data is saved
+    (the package's callback waits in the plan, through ``callback.subscribe(RE)``; the
+    peer's callback is a plain one). Returns what undoes it."""
+    from bluesky_analysis_store import AnalysisStoreCallback
+
+    if isinstance(callback, AnalysisStoreCallback):
+        callback.subscribe(RE)
+        return lambda: callback.unsubscribe(RE)
+    token = RE.subscribe(callback)
+    return lambda: RE.unsubscribe(token)
 
 
 def run_project_a(RE: Any, source: FrameSource, n: int, store: Any, cb: Any) -> dict[str, Any]:
@@ -517,7 +530,7 @@ def scenario_b(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
 
     def scan(variant: str, points: int) -> dict[str, Any]:
         cb = callbacks.get(variant)
-        token = RE.subscribe(cb) if cb is not None else None
+        unsubscribe = subscribe(RE, cb) if cb is not None else None
         worker_pid = cb.worker_pid if cb is not None else None
         try:
             threads_before = thread_cpu_seconds()
@@ -528,8 +541,8 @@ def scenario_b(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
             threads = thread_groups(threads_before, thread_cpu_seconds())
             threads["worker process"] = process_cpu_seconds(worker_pid) - worker_before
         finally:
-            if token is not None:
-                RE.unsubscribe(token)
+            if unsubscribe is not None:
+                unsubscribe()
         if cb is not None:
             store = store_of[variant]
             (child_uid,) = store.children(uid)
@@ -634,12 +647,13 @@ def scenario_c(args: argparse.Namespace, work: Path, RE: Any, report: Report) ->
             marks.append((seen, rss, window, cb.queued_documents, each))
 
     t0 = time.perf_counter()
-    tokens = [RE.subscribe(checkpoint, "event"), RE.subscribe(cb)]
+    token = RE.subscribe(checkpoint, "event")
+    unsubscribe = subscribe(RE, cb)
     try:
         (raw_uid,) = RE(count([source.signal], num=n))
     finally:
-        for token in tokens:
-            RE.unsubscribe(token)
+        RE.unsubscribe(token)
+        unsubscribe()
     elapsed = time.perf_counter() - t0
     after_rss, after_window = sampler.mark()
     after_each = [proc_status_kib("VmRSS", pid) for pid in pids]
