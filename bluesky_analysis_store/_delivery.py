@@ -91,26 +91,37 @@ def expected_counts(documents: Iterable[Document]) -> Counts:
 
 
 def stored_counts_match(client: Any, uid: str, expected: Counts) -> str | None:
-    """None if the run ``uid`` in the store holds what ``expected`` says; else what differs."""
+    """None if the run ``uid`` in the store holds what ``expected`` says; else what differs.
+    Each stream node is fetched once, for its rows and its external arrays."""
     run = client[uid]
-    for stream, events in expected.events.items():
-        if events == 0:
+    frames_by_stream: dict[str, dict[str, int]] = {}
+    for (stream, key), frames in expected.frames.items():
+        frames_by_stream.setdefault(stream, {})[key] = frames
+    for stream in set(expected.events) | set(frames_by_stream):
+        events = expected.events.get(stream, 0)
+        frames = frames_by_stream.get(stream, {})
+        if events == 0 and not frames:
             continue
         try:
             node = run[stream]
-            rows = node["seq_num"].shape[0]
         except KeyError:
-            return f"stream {stream!r} has no rows, the journal {events} events"
-        if rows != events:
-            return f"stream {stream!r} has {rows} rows, the journal {events} events"
-    for (stream, key), frames in expected.frames.items():
-        try:
-            length = run[stream][key].shape[0]
-        except KeyError:
-            return f"{stream}/{key} is missing, the journal has {frames} frames"
-        if length != frames:
-            return f"{stream}/{key} has {length} frames, the journal {frames}"
+            return f"stream {stream!r} is missing, the journal has {events} events"
+        if events:
+            rows = _length(node, "seq_num")
+            if rows != events:
+                return f"stream {stream!r} has {rows} rows, the journal {events} events"
+        for key, expected_frames in frames.items():
+            length = _length(node, key)
+            if length != expected_frames:
+                return f"{stream}/{key} has {length} frames, the journal {expected_frames}"
     return None
+
+
+def _length(node: Any, key: str) -> int:
+    try:
+        return node[key].shape[0]
+    except KeyError:
+        return 0
 
 
 # --- delivering a whole run at once -------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Abandoned",
+    "ClosesOnce",
     "DocumentQueue",
     "RunWaiter",
     "Worker",
@@ -65,6 +66,36 @@ class Abandoned:
 def unfinished_runs(open_runs: Mapping[str, Any], pending: Iterable[str]) -> tuple[str, ...]:
     """Raw runs whose child run closing leaves unfinished: still open, or not yet saved."""
     return tuple(dict.fromkeys([*list(open_runs), *pending]))
+
+
+class ClosesOnce:
+    """``close`` for a worker: done once, by the first caller; a second caller (the exit
+    hook while a collected callback's close runs) waits for the first, and what the first
+    left undone is its to report. Subclasses set ``runs``, ``_queue`` and ``_open_runs``
+    and implement ``_close``."""
+
+    runs: RunWaiter
+    _queue: DocumentQueue
+    _open_runs: dict[str, None]
+
+    def __init__(self) -> None:
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    def close(self, timeout: float | None) -> Abandoned:
+        if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
+            pending = unfinished_runs(self._open_runs, self.runs.pending())
+            return Abandoned(len(self._queue), pending)
+        try:
+            if self._closed:
+                return Abandoned()
+            self._closed = True
+            return self._close(timeout)
+        finally:
+            self._close_lock.release()
+
+    def _close(self, timeout: float | None) -> Abandoned:
+        raise NotImplementedError
 
 
 class Worker(Protocol):

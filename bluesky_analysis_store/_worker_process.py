@@ -43,6 +43,7 @@ from typing import Any
 from ._errors import AnalysisStoreError
 from ._handover import (
     Abandoned,
+    ClosesOnce,
     DocumentQueue,
     RunWaiter,
     array_bytes,
@@ -210,7 +211,7 @@ class _Process:
         return not self.lost and not self.ended.is_set()
 
 
-class ProcessWorker:
+class ProcessWorker(ClosesOnce):
     """Reduces in a worker process, started now and replaced whenever it ends."""
 
     def __init__(
@@ -222,6 +223,7 @@ class ProcessWorker:
         queue_bytes: int,
         memory_limit: int | None = None,
     ) -> None:
+        super().__init__()
         self._setup = setup_message(plan, store, memory_limit)
         self._queue = DocumentQueue(queue_size, queue_bytes)
         self.runs = RunWaiter()
@@ -229,8 +231,6 @@ class ProcessWorker:
         self._flushes_failed: dict[int, bool] = {}
         self._flush_ids = itertools.count()
         self._closing = threading.Event()
-        self._close_lock = threading.Lock()
-        self._closed = False
         self._open_runs: dict[str, None] = {}  # started, not stopped: closing leaves them
         # Held while a run's start is queued and while the process is replaced: the runs
         # begun before a replacement are the ones lost with the old process.
@@ -292,20 +292,6 @@ class ProcessWorker:
             )
         finally:
             self._flushes.pop(token, None)
-
-    def close(self, timeout: float | None) -> Abandoned:
-        # A second caller (the exit hook while a collected callback's close runs) waits for
-        # the first; what the first left undone is its to report.
-        if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
-            pending = unfinished_runs(self._open_runs, self.runs.pending())
-            return Abandoned(len(self._queue), pending)
-        try:
-            if self._closed:
-                return Abandoned()
-            self._closed = True
-            return self._close(timeout)
-        finally:
-            self._close_lock.release()
 
     def _close(self, timeout: float | None) -> Abandoned:
         deadline = None if timeout is None else time.monotonic() + timeout

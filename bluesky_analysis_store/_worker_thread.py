@@ -14,6 +14,7 @@ from typing import Any
 
 from ._handover import (
     Abandoned,
+    ClosesOnce,
     DocumentQueue,
     RunWaiter,
     array_bytes,
@@ -36,16 +37,15 @@ GATHER_SECONDS = 0.02
 _STOP = object()
 
 
-class ThreadWorker:
+class ThreadWorker(ClosesOnce):
     """Reduces on a daemon thread; closed at interpreter exit (see :func:`close_at_exit`),
     since a daemon thread is otherwise stopped wherever it happens to be."""
 
     def __init__(self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int):
+        super().__init__()
         self.runs = RunWaiter()
         self._router = LiveRouter(plan, store, on_run_finished=self.runs.finished)
         self._queue = DocumentQueue(queue_size, queue_bytes)
-        self._close_lock = threading.Lock()
-        self._closed = False
         self._open_runs: dict[str, None] = {}  # started, not stopped: closing leaves them
         self._thread = threading.Thread(
             target=self._work, name="analysis-store-worker", daemon=True
@@ -79,20 +79,6 @@ class ThreadWorker:
         if not wait_while_alive(done, timeout, self.alive):
             return False
         return self._router.flush_store(timeout)
-
-    def close(self, timeout: float | None) -> Abandoned:
-        # A second caller (the exit hook while a collected callback's close runs) waits for
-        # the first; what the first left undone is its to report.
-        if not self._close_lock.acquire(timeout=-1 if timeout is None else timeout):
-            pending = unfinished_runs(self._open_runs, self.runs.pending())
-            return Abandoned(len(self._queue), pending)
-        try:
-            if self._closed:
-                return Abandoned()
-            self._closed = True
-            return self._close(timeout)
-        finally:
-            self._close_lock.release()
 
     def _close(self, timeout: float | None) -> Abandoned:
         deadline = None if timeout is None else time.monotonic() + timeout

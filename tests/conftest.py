@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _faults import TiledServer
 from _live import DocumentRecorder
 from bluesky import RunEngine
 from bluesky.run_engine import TransitionError
@@ -73,6 +74,18 @@ def module_store_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def store(module_store_folder: Path, raw_folder: Path) -> AnalysisStore:
     """The module's own embedded store; the raw frames under ``raw_folder`` are readable."""
     return AnalysisStore.open(module_store_folder, readable=[raw_folder])
+
+
+# --- a tiled server process of the module's own ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
+    """A real ``tiled serve`` process over a catalog of the module's own (see _faults.py)."""
+    server = TiledServer(tmp_path_factory.mktemp("tiled-server"))
+    server.start()
+    yield server
+    server.stop()
 
 
 # --- a live RunEngine, its devices and callbacks ------------------------------------------

@@ -61,14 +61,6 @@ def assert_complete_and_aligned(store: AnalysisStore, uid: str, stop_uid: str) -
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
-    server = TiledServer(tmp_path_factory.mktemp("tiled-delivery"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def fast_failing_client() -> Iterator[None]:
     """tiled's client retries a refused request for up to 45 s; delivery retries runs
     itself, so here a request fails at once."""

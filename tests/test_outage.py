@@ -13,13 +13,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from _faults import API_KEY, TiledServer, record_outcome
+from _faults import API_KEY, record_outcome
 from _reducers_for_tests import SeqNumFrames, leaking
 from bluesky.plans import count
 from ophyd.sim import det
@@ -65,14 +64,6 @@ def wait_until_gone(pid: int, deadline: float = DEADLINE) -> bool:
             pass
         time.sleep(0.2)
     return False
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
-    server = TiledServer(tmp_path_factory.mktemp("tiled-outage"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,6 @@ from _helpers import (
 from bluesky_analysis_store import AnalysisStore, AssetLocationError, RunNotFoundError
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
-    server = TiledServer(tmp_path_factory.mktemp("tiled-server"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
