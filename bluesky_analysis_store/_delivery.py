@@ -18,6 +18,7 @@ the process lives; ``recover`` (``_recovery.py``) delivers journals that outlive
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import DeliveryError, JournalError
+from ._handover import at_threading_exit
 from ._journal import RunJournal, read_journal
 
 __all__ = [
@@ -230,10 +232,14 @@ class Delivery:
         self._healthy = True
         self._closed = False
         self._busy_since: float | None = None  # when the current store request began
+        # Set at interpreter exit, after the callbacks' own exit hooks: no request may then
+        # reach a store whose in-process server is being shut down (it would never end).
+        self._exiting = False
         self._thread = threading.Thread(
             target=self._deliver_all, name="analysis-store-delivery", daemon=True
         )
         self._thread.start()
+        at_threading_exit(functools.partial(_stop_at_exit, weakref.ref(self)))
         threading.Thread(
             target=_watch_for_stalls,
             args=(weakref.ref(self),),
@@ -462,6 +468,8 @@ class Delivery:
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
+        if self._exiting:
+            raise DeliveryError("the interpreter is exiting: the journal keeps the run")
         self._busy_since = time.monotonic()
         try:
             yield
@@ -487,6 +495,8 @@ class Delivery:
             self._settle_if_ready(run)
 
     def _taint(self, run: _Run, error: Exception) -> None:
+        if self._exiting:  # not a store failure; the journal keeps the run for recover
+            return
         run.tainted = True
         run.writer = None
         run.counts = Counts()
@@ -535,6 +545,20 @@ class Delivery:
 
 def _settled(run: _Run, healthy: bool = True) -> bool:
     return run.done or (run.stopped and (run.tainted or not healthy))
+
+
+# At interpreter exit, how long a store request in flight may take to end.
+_EXIT_REQUEST_SECONDS = 5.0
+
+
+def _stop_at_exit(delivery_ref: weakref.ref[Delivery]) -> None:
+    delivery = delivery_ref()
+    if delivery is None:
+        return
+    delivery._exiting = True
+    deadline = time.monotonic() + _EXIT_REQUEST_SECONDS
+    while delivery._busy_since is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _watch_for_stalls(delivery_ref: weakref.ref[Delivery]) -> None:

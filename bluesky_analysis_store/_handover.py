@@ -385,12 +385,18 @@ def close_at_exit(worker: Worker, what: str) -> None:
                 ", ".join(abandoned.runs) or "none",
             )
 
+    at_threading_exit(close)
+
+
+def at_threading_exit(hook: Callable[[], None]) -> None:
+    """Run ``hook`` among threading's exit hooks (newest first, before the older ones that
+    shut a tiled client's in-process server down), else with ``atexit``."""
     register = getattr(threading, "_register_atexit", None)
     try:
         if register is None:
             raise RuntimeError("no threading exit hooks")
-        register(close)
+        register(hook)
     except RuntimeError:  # already shutting down, or an interpreter without them
         import atexit
 
-        atexit.register(close)
+        atexit.register(hook)
