@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import AnalysisStoreError, WriterRootError
+from ._confinement import confined_path
+from ._errors import AnalysisStoreError, AssetExistsError, WriterRootError
 from .formats import FileFormat, formats
 
 __all__ = [
     "DATA_ROOT_ENV",
+    "PlannedFile",
     "WriterSpec",
     "default_data_root",
     "ensure_writable_root",
@@ -57,12 +60,24 @@ class WriterSpec:
     ) -> tuple[str, dict[str, Any]]:
         """``(resource_path, resource_kwargs)`` for ``data_key``; ``stem`` is run/stream/key."""
         if self.resource_func is not None:
-            made = self.resource_func(docs, data_key, **self.resource_func_kwargs)
             try:
-                return str(made["resource_path"]), dict(made.get("resource_kwargs", {}))
-            except (KeyError, TypeError) as error:
+                made = self.resource_func(docs, data_key, **self.resource_func_kwargs)
+            except AnalysisStoreError:
+                raise
+            except Exception as error:
                 raise AnalysisStoreError(
-                    f"the resource func for {data_key!r} must return a mapping with "
+                    f"the resource func for {data_key!r} raised {type(error).__name__}: {error}"
+                ) from error
+            try:
+                path, kwargs = made["resource_path"], made.get("resource_kwargs", {})
+                if isinstance(path, os.PathLike):
+                    path = os.fspath(path)
+                if not isinstance(path, str):
+                    raise TypeError("resource_path is not a str")
+                return path, dict(kwargs)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise AnalysisStoreError(
+                    f"the resource func for {data_key!r} must return a mapping with a str "
                     f"'resource_path' and optionally 'resource_kwargs', not {made!r}"
                 ) from error
         if self.file_format is not None:
@@ -70,6 +85,41 @@ class WriterSpec:
         else:
             path = stem
         return path, dict(self.resource_kwargs)
+
+    def plan(self, docs: Mapping[str, Any], data_key: str, stem: str) -> PlannedFile:
+        """Where ``data_key``'s files go, checked before any writer is made.
+
+        The resource path (the default ``stem``, or the resource func's) must stay strictly
+        inside the root, symlinks resolved (else :class:`AssetLocationError`), and the place
+        must hold no data yet (else :class:`AssetExistsError`). Creates nothing.
+        """
+        resource_path, resource_kwargs = self.resource(docs, data_key, stem)
+        full_path = confined_path(
+            self.root, resource_path, what=f"the resource path of {data_key!r}"
+        )
+        if self.file_format is not None:
+            self.file_format.check_target(full_path, resource_kwargs)
+        elif os.path.lexists(full_path):
+            raise AssetExistsError(
+                errno.EEXIST,
+                f"refusing to write {data_key!r} to {full_path!r}: it exists already",
+                full_path,
+            )
+        return PlannedFile(self.root, resource_path, resource_kwargs, full_path)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """The checked place of one data key's files in one run."""
+
+    root: str
+    """The writer root, absolute (the resource's ``root``)."""
+    resource_path: str
+    """Relative to ``root``, strictly inside it."""
+    resource_kwargs: Mapping[str, Any]
+    """What the writer and the handler are built with."""
+    full_path: str
+    """``os.path.join(root, resource_path)``, what the writer is given."""
 
 
 def _from_seed_form(data_key: str, entry: Mapping[str, Any], root: str | None) -> WriterSpec:

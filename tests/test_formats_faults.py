@@ -27,6 +27,7 @@ from bluesky_analysis_store import (
     AnalysisStore,
     AnalysisStoreError,
     AssetExistsError,
+    AssetLocationError,
     FrameWriteError,
     RunComposer,
 )
@@ -110,15 +111,188 @@ def test_hdf5_writer_refuses_a_file_that_appeared_after_it_was_made(tmp_path: Pa
     assert os.listdir(os.path.dirname(path)) == ["img.h5"]  # no temporary file left
 
 
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) and the sha256 of its bytes."""
+    import hashlib
+
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
 @pytest.mark.parametrize("fmt", [TIFF_FORMAT, NPY_FORMAT], ids=["TIFF", "NPY"])
-def test_series_writers_never_replace_a_frame_file(fmt, tmp_path: Path) -> None:
+def test_series_writers_refuse_a_series_that_has_frames(fmt, tmp_path: Path) -> None:
     path = full_path(fmt, tmp_path)
     first = fmt.writer(path, **fmt.default_resource_kwargs)
     first(frame(0, (3, 3)))
-    second = fmt.writer(path, **fmt.default_resource_kwargs)
-    with pytest.raises(AssetExistsError, match="refusing to replace the existing frame file"):
-        second(frame(9, (3, 3)))
+    before = file_hashes(tmp_path)
+    with pytest.raises(AssetExistsError, match="exists already") as info:
+        fmt.writer(path, **fmt.default_resource_kwargs)
+    assert isinstance(info.value, FileExistsError)
+    with pytest.raises(AssetExistsError):  # the format's check before a writer is made
+        fmt.check_target(path, fmt.default_resource_kwargs)
+    assert file_hashes(tmp_path) == before
     assert_same_array(fmt.handler(path, **fmt.default_resource_kwargs)(index=0), frame(0, (3, 3)))
+
+
+@pytest.mark.parametrize("fmt", [TIFF_FORMAT, NPY_FORMAT], ids=["TIFF", "NPY"])
+def test_series_writers_never_replace_a_frame_file(fmt, tmp_path: Path) -> None:
+    path = full_path(fmt, tmp_path)
+    late = fmt.writer(path, **fmt.default_resource_kwargs)  # made while the place was empty
+    first = fmt.writer(path, **fmt.default_resource_kwargs)
+    first(frame(0, (3, 3)))
+    before = file_hashes(tmp_path)
+    with pytest.raises(AssetExistsError, match="refusing to replace the existing frame file"):
+        late(frame(9, (3, 3)))
+    assert file_hashes(tmp_path) == before
+    assert_same_array(fmt.handler(path, **fmt.default_resource_kwargs)(index=0), frame(0, (3, 3)))
+
+
+def test_hdf5_check_target_refuses_an_existing_file(tmp_path: Path) -> None:
+    path = full_path(HDF5_FORMAT, tmp_path)
+    writer = HDF5_FORMAT.writer(path)
+    writer(frame(0, (2,)))
+    writer.close()
+    before = file_hashes(tmp_path)
+    with pytest.raises(AssetExistsError):
+        HDF5_FORMAT.check_target(path, HDF5_FORMAT.default_resource_kwargs)
+    assert file_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "template", ["../{:06d}.tif", "sub/{:06d}.tif", "/tmp/{:06d}.tif", "{}/x", "fixed.tif", 3]
+)
+def test_tiff_writer_refuses_a_template_naming_other_places(template, tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "primary" / "img"
+    with pytest.raises((AssetLocationError, AssetExistsError)):
+        TIFF_FORMAT.writer(str(folder), template=template)
+    assert not (tmp_path / "run").exists()  # refused before its folder was made
+
+
+# The frames and files the tests below use: the handler's paths, built as the Filler builds
+# them, ``os.path.join(root, resource_path)``.
+
+
+@pytest.fixture
+def written_series(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
+    """A root ``data`` with one series of each format, and a folder ``outside`` beside it
+    holding a file of each format that must never be read through a handler."""
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    written = {}
+    for fmt in FORMATS:
+        stem = f"run/{fmt.name.lower()}/img"
+        for folder in (root, outside):
+            writer = fmt.writer(full_path(fmt, folder, stem), **fmt.default_resource_kwargs)
+            writer(frame(0 if folder == root else 666, (2, 2)))
+            writer.close()
+        written[fmt.name] = (root, fmt.resource_path(stem), fmt.spec)
+    return written
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_handlers_refuse_a_resource_path_climbing_out_of_its_root(
+    fmt, written_series, tmp_path: Path
+) -> None:
+    root, resource_path, _ = written_series[fmt.name]
+    climbing = os.path.join(root, "..", "outside", resource_path)
+    assert os.path.isdir(os.path.dirname(climbing.rstrip("/")))  # it would find the file outside
+    with pytest.raises(AssetLocationError, match=r"'\.\.'"):
+        fmt.handler(climbing, **fmt.default_resource_kwargs)
+    with pytest.raises(AssetLocationError):
+        fmt.handler(os.path.join(root, "../../.."), **fmt.default_resource_kwargs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_confined_handlers_refuse_absolute_paths_and_symlinks_out(
+    fmt, written_series, tmp_path: Path
+) -> None:
+    root, resource_path, spec = written_series[fmt.name]
+    registry = formats.handler_registry(roots=[root])
+    handler = registry[spec]
+    assert_same_array(
+        handler(os.path.join(root, resource_path), **fmt.default_resource_kwargs)(index=0),
+        frame(0, (2, 2)),
+    )
+    # An absolute resource_path replaces the root in the Filler's join.
+    absolute = os.path.join(tmp_path / "outside", resource_path)
+    assert os.path.join(str(root), absolute) == absolute
+    with pytest.raises(AssetLocationError, match="outside the folders it may read"):
+        handler(absolute, **fmt.default_resource_kwargs)
+    # A symlink inside the root that leads outside.
+    (root / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(AssetLocationError, match="symlinks resolved"):
+        handler(os.path.join(root, "link", resource_path), **fmt.default_resource_kwargs)
+
+
+@pytest.mark.parametrize("fmt", [TIFF_FORMAT, NPY_FORMAT], ids=["TIFF", "NPY"])
+def test_confined_handlers_refuse_a_frame_file_linked_outside(
+    fmt, written_series, tmp_path: Path
+) -> None:
+    root, resource_path, spec = written_series[fmt.name]
+    path = os.path.join(root, resource_path)
+    folder = path if fmt is TIFF_FORMAT else os.path.dirname(path)
+    frame_zero = frame_files(fmt, path)[0]
+    outside_frame = tmp_path / "outside" / os.path.relpath(os.path.join(folder, frame_zero), root)
+    assert outside_frame.is_file()
+    os.remove(os.path.join(folder, frame_zero))
+    os.symlink(outside_frame, os.path.join(folder, frame_zero))
+    handler = formats.handler_registry(roots=[root])[spec](path, **fmt.default_resource_kwargs)
+    with pytest.raises(AssetLocationError):
+        handler(index=0)
+
+
+@pytest.mark.parametrize("fmt", [TIFF_FORMAT, NPY_FORMAT], ids=["TIFF", "NPY"])
+def test_series_handlers_take_only_integer_frame_indices(fmt, written_series) -> None:
+    root, resource_path, _ = written_series[fmt.name]
+    handler = fmt.handler(os.path.join(root, resource_path), **fmt.default_resource_kwargs)
+    with pytest.raises(AssetLocationError, match="non-negative integer"):
+        handler(index="../../outside/run/primary/img_0")
+    with pytest.raises(AssetLocationError):
+        handler(index=-1)
+    assert_same_array(handler(index=np.int64(0)), frame(0, (2, 2)))
+
+
+def test_tiff_handler_refuses_a_template_climbing_out(written_series) -> None:
+    root, resource_path, _ = written_series["TIFF"]
+    with pytest.raises(AssetLocationError):
+        TIFF_FORMAT.handler(os.path.join(root, resource_path), template="../../x/{:06d}.tif")
+
+
+def test_hdf5_handler_reads_only_data_stored_in_the_file(written_series, tmp_path: Path) -> None:
+    import h5py
+
+    root, resource_path, _ = written_series["HDF5"]
+    path = os.path.join(root, resource_path)
+    outside = os.path.join(tmp_path / "outside", resource_path)
+    crafted = os.path.join(root, "crafted.h5")
+    with h5py.File(crafted, "w") as file:
+        file["external"] = h5py.ExternalLink(outside, "/data")
+        file["soft"] = h5py.SoftLink("/external")
+        layout = h5py.VirtualLayout(shape=(1, 2, 2), dtype="float64")
+        layout[0] = h5py.VirtualSource(outside, "data", shape=(1, 2, 2))[0]
+        file.create_virtual_dataset("virtual", layout)
+    for dataset in ("external", "soft", "virtual"):
+        with pytest.raises(AssetLocationError):
+            HDF5_FORMAT.handler(crafted, dataset=dataset)(index=0)
+    assert_same_array(HDF5_FORMAT.handler(path, dataset="data")(index=0), frame(0, (2, 2)))
+
+
+def test_a_generic_handler_is_confined_too(tmp_path: Path) -> None:
+    from bluesky_analysis_store.formats import confine_handler
+
+    opened = []
+
+    def factory(path, **kwargs):  # a handler given as a plain function
+        opened.append(path)
+        return lambda **datum: path
+
+    confined = confine_handler(factory, [tmp_path / "data"])
+    assert confined(str(tmp_path / "data" / "x"))() == str(tmp_path / "data" / "x")
+    with pytest.raises(AssetLocationError):
+        confined("/etc/passwd")
+    assert opened == [str(tmp_path / "data" / "x")]
 
 
 # --- rewinding --------------------------------------------------------------------------------

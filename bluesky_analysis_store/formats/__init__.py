@@ -1,6 +1,7 @@
 """Writer/handler pairs, one format per module, and the registry that finds them."""
 
 from ._base import FileFormat, Handler, RewindableWriter, Writer
+from ._paths import confine_handler
 from ._registry import ENTRY_POINT_GROUP, FormatRegistry, formats
 from .hdf5 import HDF5_FORMAT, HDF5DatasetHandler, HDF5DatasetWriter
 from .npy import NPY_FORMAT, NPYSeriesHandler, NPYSeriesWriter
@@ -12,6 +13,7 @@ __all__ = [
     "Handler",
     "RewindableWriter",
     "Writer",
+    "confine_handler",
     # The registry
     "ENTRY_POINT_GROUP",
     "FormatRegistry",

@@ -19,11 +19,15 @@ whose writing failed half-way.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from .._errors import AssetExistsError
 
 __all__ = ["FileFormat", "Handler", "RewindableWriter", "Writer"]
 
@@ -101,9 +105,22 @@ class FileFormat:
         params["chunk_shape"] = [1, *frame_shape]
         return params
 
+    def check_target(self, full_path: str, resource_kwargs: Mapping[str, Any]) -> None:
+        """Refuse, before a writer is made, a place that already holds data.
+
+        :class:`AssetExistsError` if a file the writer would make exists already;
+        :class:`AssetLocationError` if ``resource_kwargs`` would put files elsewhere than
+        ``full_path``. A format whose files are not just ``full_path`` overrides this.
+        """
+        if os.path.lexists(full_path):
+            raise AssetExistsError(
+                errno.EEXIST,
+                f"refusing to write {self.name} data to {full_path!r}: it exists already",
+                full_path,
+            )
+
 
 def _posix_absolute(path: str) -> str:
-    import os
     from pathlib import Path
 
     absolute = os.path.abspath(path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
 
 from .._errors import FormatRegistryError
 from ._base import FileFormat
+from ._paths import confine_handler
 
 __all__ = ["ENTRY_POINT_GROUP", "FormatRegistry", "formats"]
 
@@ -63,9 +65,19 @@ class FormatRegistry:
         self._ensure_loaded()
         return iter(list(self._by_spec.values()))
 
-    def handler_registry(self) -> dict[str, type]:
-        """``{spec: handler class}``, as event-model's ``Filler`` takes it."""
-        return {fmt.spec: fmt.handler for fmt in self}
+    def handler_registry(
+        self, roots: Iterable[str | os.PathLike[str]] | None = None
+    ) -> dict[str, type]:
+        """``{spec: handler class}``, as event-model's ``Filler`` takes it.
+
+        With ``roots``, each handler reads only inside those folders, symlinks resolved
+        (:func:`confine_handler`): give the folders the data may be in, so that a resource
+        with an absolute ``resource_path`` or a link out of its root is refused.
+        """
+        if roots is None:
+            return {fmt.spec: fmt.handler for fmt in self}
+        roots = list(roots)
+        return {fmt.spec: confine_handler(fmt.handler, roots) for fmt in self}
 
     def _ensure_loaded(self) -> None:
         if not self._load_entry_points:

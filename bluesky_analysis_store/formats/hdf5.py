@@ -15,13 +15,15 @@ import errno
 import os
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import h5py
 import numpy as np
 
-from .._errors import AnalysisStoreError, AssetExistsError, FrameWriteError
+from .._confinement import check_handler_path
+from .._errors import AnalysisStoreError, AssetExistsError, AssetLocationError, FrameWriteError
 from ._base import FileFormat
+from ._paths import frame_index
 from ._safe_writing import ensure_free_space, frame_write_error
 
 __all__ = ["HDF5_FORMAT", "HDF5DatasetHandler", "HDF5DatasetWriter"]
@@ -159,16 +161,45 @@ def _close_quietly(file: h5py.File) -> None:
 
 
 class HDF5DatasetHandler:
-    """Reads row ``index`` of the dataset written by :class:`HDF5DatasetWriter`."""
+    """Reads row ``index`` of the dataset written by :class:`HDF5DatasetWriter`.
+
+    Only a dataset stored in the file itself is read: one reached through an external or
+    soft link, or a virtual dataset (whose rows live in other files), is refused, as the
+    writer never makes them and they could lead anywhere on the disk.
+    """
+
+    roots: ClassVar[tuple[str, ...] | None] = None
+    """The only folders this handler may read (``None``: any, below its resource's root)."""
 
     def __init__(self, path: str, dataset: str = DEFAULT_DATASET) -> None:
-        self._path = path
+        self._path = check_handler_path(path, self.roots)
         self._dataset = dataset
 
     def __call__(self, index: int) -> np.ndarray:
         # SWMR: the file may be open for writing, or have been left so by a killed writer.
         with h5py.File(self._path, "r", swmr=True, locking=False) as file:
-            return file[self._dataset][index]
+            return _own_dataset(file, self._dataset, self._path)[frame_index(index)]
+
+
+def _own_dataset(file: h5py.File, name: str, path: str) -> h5py.Dataset:
+    """The dataset ``name``, reached through hard links only and not virtual."""
+    if not isinstance(name, str) or not name.strip("/"):
+        raise AssetLocationError(f"{path!r}: {name!r} does not name a dataset")
+    group: Any = file
+    parts = [part for part in name.split("/") if part]
+    for number, part in enumerate(parts):
+        link = group.get(part, getlink=True)
+        if link is None:
+            raise KeyError(f"{path!r} has no dataset {name!r}")
+        if not isinstance(link, h5py.HardLink):
+            raise AssetLocationError(
+                f"{path!r}: {'/'.join(parts[: number + 1])!r} is a {type(link).__name__}; "
+                "only data stored in the file itself is read"
+            )
+        group = group[part]
+    if not isinstance(group, h5py.Dataset) or group.is_virtual:
+        raise AssetLocationError(f"{path!r}: {name!r} is not a dataset stored in the file itself")
+    return group
 
 
 class _HDF5Format(FileFormat):
