@@ -2,9 +2,10 @@
 
 Legacy ``resource``/``datum`` go through event-model's ``Filler`` with the handlers found
 through the ``databroker.handlers`` entry points (ophyd.sim's ``NPY_SEQ``,
-area-detector-handlers, this package's formats). event-model has no filler for
-``stream_resource``/``stream_datum`` (what ophyd-async detectors emit), so those are read
-here, file by file, from the mimetype and parameters tiled would use.
+area-detector-handlers, this package's formats), after a check that their files stay inside
+their root (``_resource_paths``). ``stream_resource``/``stream_datum`` (what ophyd-async
+detectors emit) are read through bluesky-tiled-plugins' consolidators and tiled's adapters
+(``_stream_filling``), as tiled reads them offline.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import logging
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-import numpy as np
-from event_model import DocumentRouter, Filler
+from event_model import DocumentRouter, Filler, unpack_datum_page
 
+from ._errors import AssetLocationError
+from ._resource_paths import check_legacy_resource
+from ._stream_filling import StreamFiller
 from .formats import formats
 
 __all__ = ["EventFiller", "HANDLER_ENTRY_POINT_GROUP", "RouterFiller", "handler_registry"]
@@ -46,43 +48,6 @@ def handler_registry(extra: Mapping[str, type] | None = None) -> dict[str, type]
     """Handlers by spec: the ``databroker.handlers`` entry points, this package's formats
     and ``extra`` (which wins)."""
     return {**_entry_point_handlers(), **formats.handler_registry(), **(extra or {})}
-
-
-def _uri_path(uri: str) -> str:
-    return unquote(urlparse(uri).path)
-
-
-def _read_stream_frame(resource: Mapping[str, Any], index: int) -> np.ndarray:
-    """Frame ``index`` of the files a ``stream_resource`` describes."""
-    from bluesky_tiled_plugins.utils import compile_template
-
-    mimetype = resource["mimetype"]
-    params = resource.get("parameters", {})
-    path = _uri_path(resource["uri"])
-    if mimetype == "application/x-hdf5" and not params.get("template"):
-        import h5py
-
-        with h5py.File(path, "r", locking=False, swmr=bool(params.get("swmr", False))) as file:
-            return np.asarray(file[params["dataset"]][index])
-    if mimetype.startswith("multipart/related"):
-        template = params.get("template")
-        if mimetype == "multipart/related;type=application/x-npy":
-            template = "%s_%d.npy"  # tiled's NPY consolidator fixes this naming too
-        if template is None:
-            raise ValueError(f"stream_resource {resource['uid']} has no filename template")
-        name = compile_template(template, params.get("filename", "")).format(index)
-        frame_path = _uri_path(resource["uri"] + name)
-        if mimetype.endswith("image/tiff"):
-            import tifffile
-
-            return tifffile.imread(frame_path)
-        if mimetype.endswith("application/x-npy"):
-            return np.load(frame_path, allow_pickle=False)
-    for fmt in formats:  # a format registered by a plugin, read through its handler
-        if fmt.mimetype == mimetype:
-            kwargs = {k: v for k, v in params.items() if k in fmt.default_resource_kwargs}
-            return np.asarray(fmt.handler(path, **kwargs)(index=index))
-    raise ValueError(f"no reader for stream_resource mimetype {mimetype!r}")
 
 
 class RouterFiller(Filler):
@@ -136,7 +101,13 @@ class EventShortcut:
 
 
 class EventFiller(DocumentRouter):
-    """Feed it every document of one run; :meth:`fill` returns an event's data, loaded."""
+    """Feed it every document of one run; :meth:`fill` returns an event's data, loaded.
+
+    ``root_map`` relocates data: a legacy resource's ``root`` is looked up in it as
+    event-model's ``Filler`` does, a stream resource's URI path by its longest matching
+    prefix. A resource whose files would leave their root is refused: the events that need
+    it fail with ``AssetLocationError``, nothing of it is opened.
+    """
 
     def __init__(
         self,
@@ -150,14 +121,15 @@ class EventFiller(DocumentRouter):
         # the same event to every subscriber, and a reducer may change an array in place.
         # A worker process's events are its own copies already.
         self._copy_values = copy_values
+        self._root_map = dict(root_map or {})
         self._filler = Filler(
             dict(handlers if handlers is not None else handler_registry()),
-            root_map=dict(root_map or {}),
+            root_map=self._root_map,
             inplace=False,
         )
-        self._stream_resources: dict[str, dict[str, Any]] = {}
-        # (descriptor uid, seq_num) -> {data key: (stream_resource uid, index)}
-        self._stream_frames: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+        self._streams = StreamFiller(self._root_map)
+        self._refused_resources: dict[str, AssetLocationError] = {}
+        self._refused_datums: dict[str, AssetLocationError] = {}
         self._external_descriptors: set[str] = set()
 
     def start(self, doc: dict[str, Any]) -> None:
@@ -166,35 +138,46 @@ class EventFiller(DocumentRouter):
     def descriptor(self, doc: dict[str, Any]) -> None:
         if any("external" in data_key for data_key in doc.get("data_keys", {}).values()):
             self._external_descriptors.add(doc["uid"])
+        self._streams.descriptor(doc)
         self._filler("descriptor", doc)
 
     def resource(self, doc: dict[str, Any]) -> None:
+        try:
+            check_legacy_resource(doc, self._root_map)
+        except AssetLocationError as error:
+            # Never handed to the Filler: no handler is built on a path outside its root.
+            logger.warning("%s", error)
+            self._refused_resources[doc["uid"]] = error
+            return
         self._filler("resource", doc)
 
     def datum(self, doc: dict[str, Any]) -> None:
+        refused = self._refused_resources.get(doc["resource"])
+        if refused is not None:
+            self._refused_datums[doc["datum_id"]] = refused
+            return
         self._filler("datum", doc)
 
     def datum_page(self, doc: dict[str, Any]) -> None:
+        if doc["resource"] in self._refused_resources:
+            for datum in unpack_datum_page(doc):
+                self.datum(datum)
+            return
         self._filler("datum_page", doc)
 
     def stream_resource(self, doc: dict[str, Any]) -> None:
-        self._stream_resources[doc["uid"]] = doc
+        self._streams.stream_resource(doc)
 
     def stream_datum(self, doc: dict[str, Any]) -> None:
-        resource = self._stream_resources.get(doc["stream_resource"])
-        if resource is None:
-            logger.warning("stream_datum %s refers to an unknown stream_resource", doc["uid"])
-            return
-        seq_start, seq_stop = doc["seq_nums"]["start"], doc["seq_nums"]["stop"]
-        first_index = doc["indices"]["start"]
-        for offset, seq_num in enumerate(range(seq_start, seq_stop)):
-            frames = self._stream_frames.setdefault((doc["descriptor"], seq_num), {})
-            frames[resource["data_key"]] = (resource["uid"], first_index + offset)
+        self._streams.stream_datum(doc)
 
     def fill(self, event: dict[str, Any]) -> dict[str, Any]:
         """The event's data with every external value loaded (a new dict, sharing no
         mutable value with the event)."""
+        # Taken first, so a failing event does not leave its rows behind.
+        stream_values = self._streams.pop_values(event["descriptor"], event["seq_num"])
         if self._filler_has_work(event):
+            self._refuse_escaping_datums(event)
             _, filled = self._filler("event", event)
             data = dict(filled["data"])
         else:
@@ -207,10 +190,15 @@ class EventFiller(DocumentRouter):
                 else copy.deepcopy(value)
                 for key, value in event["data"].items()
             }
-        frames = self._stream_frames.pop((event["descriptor"], event["seq_num"]), {})
-        for data_key, (resource_uid, index) in frames.items():
-            data[data_key] = _read_stream_frame(self._stream_resources[resource_uid], index)
+        data.update(stream_values)
         return data
+
+    def _refuse_escaping_datums(self, event: dict[str, Any]) -> None:
+        if not self._refused_datums:
+            return
+        for value in event["data"].values():
+            if isinstance(value, str) and value in self._refused_datums:
+                raise self._refused_datums[value]
 
     def _filler_has_work(self, event: dict[str, Any]) -> bool:
         """Whether event-model's Filler would load anything: its own test

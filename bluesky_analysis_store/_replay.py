@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ._stream_filling import event_value
+
 __all__ = [
     "STAND_IN_REASON",
     "count_events",
@@ -70,18 +72,13 @@ def _stream_events(
                 "descriptor": descriptor["uid"],
                 "seq_num": seq_num,
                 "time": time,
-                "data": {key: _item(columns[key][row]) for key in data_keys},
+                "data": {key: event_value(columns[key][row]) for key in data_keys},
                 "timestamps": {
                     key: float(stamps[key][row]) if key in stamps else time for key in data_keys
                 },
                 "filled": dict.fromkeys(external, True),
             }
             yield time, seq_num, stream_name, event
-
-
-def _item(value: Any) -> Any:
-    array = np.asarray(value)
-    return array.item() if array.ndim == 0 else array
 
 
 def stop_document(run: Any) -> dict[str, Any] | None:
