@@ -151,7 +151,7 @@ def deliver_documents(store: Any, documents: list[Document]) -> Any:
             if stored_counts_match(client, uid, counts) is None:
                 return None
         client.delete_contents([uid], recursive=True, external_only=False)
-    writer = FlushingTiledWriter(client, flush_interval=None)
+    writer = FlushingTiledWriter(client, flush_interval=None, seal=True)
     for name, doc in documents:
         if name != "stop":
             store.check_asset_location(name, doc)
@@ -418,7 +418,9 @@ class Delivery:
                 if run.writer is None:
                     from ._tiled_writing import FlushingTiledWriter
 
-                    run.writer = FlushingTiledWriter(self.store.client, flush_interval=None)
+                    run.writer = FlushingTiledWriter(
+                        self.store.client, flush_interval=None, seal=True
+                    )
                 if name == "stop":
                     _write_stop(self.store, run.writer, uid, run.counts, doc)
                 else:

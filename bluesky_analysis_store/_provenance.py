@@ -9,10 +9,12 @@ code again and check that it is unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
 import inspect
+import json
 import logging
 import os
 import platform
@@ -22,10 +24,15 @@ from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
+from event_model import DocumentNames, schema_validators
+
 from ._errors import ProvenanceError
 
 __all__ = [
+    "CheckedParent",
     "ParentSpec",
+    "check_parents",
+    "code_identity",
     "code_record",
     "environment_record",
     "file_record",
@@ -74,21 +81,90 @@ def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedParent:
+    """A parent run whose existence was checked: by :func:`check_parents` against a
+    catalog, or because its start document was seen (the live callback, ``reprocess``)."""
+
+    uid: str
+    verified_by: str
+    """How: ``"start document"``, ``"run client"``, or ``"catalog"`` (its uid was found)."""
+    streams: tuple[str, ...] | None = None
+
+
+def _is_start_document(parent: Mapping[str, Any]) -> bool:
+    if "time" not in parent:  # a record ``{"uid": ..., "streams": [...]}`` has none
+        return False
+    try:
+        schema_validators[DocumentNames.start].validate(dict(parent))
+    except Exception:
+        return False
+    return True
+
+
 def parent_record(parent: ParentSpec) -> dict[str, Any]:
-    """``{"uid": ..., "streams": [...]}`` from a uid, a start document or a run client."""
+    """``{"uid": ..., "streams": [...], "verified": ...}`` from a uid, a start document, a
+    run client, a record or a :class:`CheckedParent`.
+
+    ``verified`` is True only for a parent that is known to exist: a run client, a start
+    document, or a uid checked against a catalog (:func:`check_parents`); a bare uid or a
+    record is recorded ``verified: False``, never trusted silently.
+    """
+    if isinstance(parent, CheckedParent):
+        record: dict[str, Any] = {"uid": parent.uid}
+        if parent.streams is not None:
+            record["streams"] = list(parent.streams)
+        return {**record, "verified": True, "verified_by": parent.verified_by}
     if isinstance(parent, str):
-        return {"uid": parent}
+        return {"uid": parent, "verified": False}
     start = getattr(parent, "start", None)
     if isinstance(start, Mapping) and "uid" in start:  # a tiled BlueskyRun client
-        return {"uid": start["uid"], "streams": sorted(parent)}
+        return {
+            "uid": start["uid"],
+            "streams": sorted(parent),
+            "verified": True,
+            "verified_by": "run client",
+        }
     if isinstance(parent, Mapping) and isinstance(parent.get("uid"), str):
-        record: dict[str, Any] = {"uid": parent["uid"]}
+        record = {"uid": parent["uid"]}
         if "streams" in parent:
             record["streams"] = list(parent["streams"])
-        return record
+        if _is_start_document(parent):
+            return {**record, "verified": True, "verified_by": "start document"}
+        return {**record, "verified": False}
     raise ProvenanceError(
         f"cannot tell the uid of parent {parent!r}: give a uid, a start document or a run"
     )
+
+
+def check_parents(catalog: Any, parents: Iterable[ParentSpec] | ParentSpec) -> list[ParentSpec]:
+    """``parents`` with every bare uid (and ``{"uid": ...}`` record) looked up in
+    ``catalog`` (anything that answers ``uid in catalog``: a store, a tiled client);
+    :class:`ProvenanceError` names those it does not hold. Run clients and start documents
+    are kept: they are their own evidence."""
+    checked: list[ParentSpec] = []
+    unknown: list[str] = []
+    for parent in _as_list(parents):
+        record = parent_record(parent)
+        if record["verified"]:
+            checked.append(parent)
+        elif record["uid"] in catalog:
+            streams = tuple(record["streams"]) if "streams" in record else None
+            checked.append(CheckedParent(record["uid"], "catalog", streams))
+        else:
+            unknown.append(record["uid"])
+    if unknown:
+        raise ProvenanceError(
+            f"parent run(s) {unknown} are not in {_catalog_name(catalog)}: a derived run may "
+            "name only parents that exist; pass the parent's run client or start document "
+            "(read from the catalog that holds it) instead of its uid"
+        )
+    return checked
+
+
+def _catalog_name(catalog: Any) -> str:
+    location = getattr(catalog, "location", None)
+    return f"the catalog {location}" if location else "the catalog"
 
 
 @functools.cache
@@ -131,13 +207,18 @@ def _git(folder: str, *args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-@functools.lru_cache(maxsize=256)
 def _git_state(folder: str) -> tuple[str, bool] | None:
+    """The checkout's commit and whether it has uncommitted changes, read now: an edit, or
+    a commit, made earlier in the same session must change the identity (about 5 ms)."""
     commit = _git(folder, "rev-parse", "HEAD")
     if not commit:
         return None
     changes = _git(folder, "status", "--porcelain", "--untracked-files=no")
     return commit, bool(changes)
+
+
+# Callers of the former per-session cache cleared it; there is none left to clear.
+_git_state.cache_clear = lambda: None  # type: ignore[attr-defined]
 
 
 def _git_tracks(path: str) -> bool:
@@ -224,6 +305,23 @@ def code_record(code: Callable[..., Any] | Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
+def code_identity(code: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """What makes two reductions the same code: each code record's name, version, source
+    sha256, git commit and dirty state, and parameters (a file edited, with or without a
+    commit, is other code)."""
+    return sorted(
+        (
+            str(c.get("name", "")),
+            str(c.get("version", "")),
+            str(c.get("sha256", "")),
+            str(c.get("commit", "")),
+            json.dumps(c.get("dirty")),
+            json.dumps(c.get("params", {}), sort_keys=True),
+        )
+        for c in code
+    )
+
+
 @functools.cache
 def _environment() -> dict[str, Any]:
     packages = {}
@@ -258,7 +356,7 @@ def _as_list(value: Any) -> list[Any]:
         return []
     if (
         hasattr(value, "start")
-        or isinstance(value, (str, bytes, os.PathLike, Mapping))
+        or isinstance(value, (str, bytes, os.PathLike, Mapping, CheckedParent))
         or callable(value)
     ):
         return [value]
@@ -271,13 +369,20 @@ def make_provenance(
     code: Any = None,
     *,
     strict: bool = True,
+    catalog: Any = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Return ``(parent_uids, provenance)`` for a child run's start document.
 
     With ``strict`` (the default) a run with neither parents nor input files, with no code,
     or with code that cannot be imported again by its recorded name is refused with
     :class:`ProvenanceError`. ``strict=False`` records the same gaps under ``missing``.
+
+    Each parent is recorded with ``verified``: True for a run client, a start document, or
+    a uid found in ``catalog`` (a uid it lacks is refused, see :func:`check_parents`);
+    False for a bare uid when no catalog is given: it was not checked.
     """
+    if catalog is not None:
+        parents = check_parents(catalog, parents)
     parent_records = [parent_record(p) for p in _as_list(parents)]
     file_records = [file_record(f) for f in _as_list(files)]
     code_records = [code_record(c) for c in _as_list(code)]

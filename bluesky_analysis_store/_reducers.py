@@ -13,12 +13,15 @@ import copy
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._provenance import code_record
+from ._provenance import code_identity, code_record
 
-__all__ = ["FunctionReducer", "Reducer", "as_reducer", "reducer_provenance"]
+__all__ = ["FunctionReducer", "Reducer", "as_reducer", "code_as_loaded", "reducer_provenance"]
+
+logger = logging.getLogger(__name__)
 
 
 class Reducer:
@@ -125,6 +128,37 @@ def reducer_provenance(reducer: Reducer) -> dict[str, Any]:
     if isinstance(reducer, FunctionReducer):
         record["streams"] = sorted(reducer.streams)
     return record
+
+
+def code_as_loaded(
+    reducers: Sequence[Reducer], recorded: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The code records of ``reducers`` as this process loaded them.
+
+    A worker process gets the reducers pickled: code from an importable module by
+    reference, so the worker imports that module anew, and runs whatever its file holds
+    now (edited since the callback was made, perhaps). Its record is therefore made again
+    here, from what was loaded. Code sent by value (defined in ``__main__``, at a prompt)
+    is the very code that was recorded: its record is kept.
+    """
+    records = []
+    for reducer, before in zip(reducers, recorded, strict=True):
+        if not before.get("importable") or str(before.get("name", "")).startswith("__main__:"):
+            records.append(dict(before))
+            continue
+        now = reducer_provenance(reducer)
+        if code_identity([now]) != code_identity([before]):
+            logger.warning(
+                "reducer %s loaded here is not the code the callback was made with (sha256 "
+                "%s, was %s; version %s, was %s): the child runs record the code loaded here",
+                now.get("name"),
+                now.get("sha256"),
+                before.get("sha256"),
+                now.get("version"),
+                before.get("version"),
+            )
+        records.append(now)
+    return records
 
 
 def _jsonable(value: Any) -> Any:

@@ -21,7 +21,7 @@ from event_model import DocumentRouter, unpack_event_page
 from ._composer import RunComposer, check_metadata
 from ._errors import AnalysisStoreError
 from ._filling import EventFiller
-from ._provenance import make_provenance
+from ._provenance import CheckedParent, make_provenance
 from ._reducers import Reducer, as_reducer, fresh_copy, reducer_provenance
 from ._writer_specs import WriterSpec, resolve_writers
 
@@ -155,8 +155,10 @@ class RunReduction(DocumentRouter):
         return super().__call__(name, doc, validate)
 
     def start(self, doc: dict[str, Any]) -> None:
+        # The parent's own start document is in hand: the parent is verified.
+        parent = CheckedParent(doc["uid"], "start document")
         parent_uids, provenance = make_provenance(
-            [{"uid": doc["uid"]}], (), self._plan.code, strict=self._plan.strict
+            [parent], (), self._plan.code, strict=self._plan.strict
         )
         md = {
             **self._plan.md,

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._delivery import save_documents
-from ._errors import AnalysisStoreError, RunNotFoundError
+from ._errors import AnalysisStoreError, ProvenanceError, RunNotFoundError
+from ._provenance import code_identity
 from ._reduction import ReductionPlan, RunReduction
 from ._replay import count_events, replay_run, stop_document
 from ._store import ChildRun
+from ._trust import claims_derivation
 
 __all__ = ["ReprocessReport", "code_versions", "reprocess"]
 
@@ -32,7 +34,10 @@ class ReprocessReport:
     skipped: dict[str, str] = field(default_factory=dict)
     """raw uid -> uid of the child run already made by the same code"""
     failed: dict[str, str] = field(default_factory=dict)
-    """raw uid -> why no child run was saved"""
+    """raw uid -> why it was not reduced: no child run was saved, or one on which every
+    event failed (listed in ``failed_children`` too)"""
+    failed_children: dict[str, str] = field(default_factory=dict)
+    """raw uid -> uid of the saved child run on which every event failed"""
     incomplete: dict[str, str] = field(default_factory=dict)
     """raw uid -> what was done with a raw run that has no stop document"""
     not_counted: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -54,18 +59,9 @@ class ReprocessReport:
         return "\n".join(lines)
 
 
-def code_versions(code: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """What makes two reductions the same: each piece of code's name, version and params."""
-    import json
-
-    return sorted(
-        (
-            c.get("name", ""),
-            str(c.get("version", "")),
-            json.dumps(c.get("params", {}), sort_keys=True),
-        )
-        for c in code
-    )
+def code_versions(code: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """What makes two reductions the same code (see :func:`code_identity`)."""
+    return code_identity(code)
 
 
 def _client_of(source: Any) -> Any:
@@ -91,16 +87,21 @@ def _raw_uids(client: Any, uids_or_query: Any) -> list[str]:
 
 
 def _same_code_children(
-    store: Any, raw_uid: str, versions: list[tuple[str, str, str]]
+    store: Any, raw_uid: str, identity: list[tuple[str, ...]]
 ) -> list[ChildRun]:
-    """The children of ``raw_uid`` made by the same code, newest first, each with its
-    status (a child without a stop document is listed too)."""
-    children = []
-    for child_uid in store.children(raw_uid):
-        child = store[child_uid]
-        if code_versions(child.start.get("provenance", {}).get("code", [])) == versions:
-            children.append(ChildRun.from_start(child_uid, child.start, stop_document(child)))
-    return children
+    """The children of ``raw_uid`` this package wrote with the same code identity, newest
+    first, each with its status (a child without a stop document is listed too). A run
+    that only claims to be a child (unsealed) never counts."""
+    return [child for child in store.children(raw_uid) if child.identity == identity]
+
+
+def _refuse_derived(run: Any, raw_uid: str) -> None:
+    if claims_derivation(run.start):
+        raise ProvenanceError(
+            f"run {raw_uid} is a derived run (its start names parent_uids or provenance), "
+            "not raw data; reprocess(..., derived=True) (--derived) reduces it anyway, as "
+            "the parent of a new child"
+        )
 
 
 def reprocess(
@@ -116,22 +117,31 @@ def reprocess(
     force: bool = False,
     strict: bool = True,
     progress: bool | None = None,
+    derived: bool = False,
 ) -> ReprocessReport:
     """Reduce saved raw runs again and save the child runs into ``store``.
 
     ``source`` is the raw catalog: a tiled client, an :class:`AnalysisStore`, or a store
     folder. ``uids_or_query`` is a uid, a list of uids, or tiled queries. Each run goes
     through the same pipeline as :class:`AnalysisStoreCallback`. A run already reduced by the
-    same code (name, version and parameters) is skipped unless ``force``; nothing is ever
-    overwritten: new code gives a new child run beside the old one. A run whose data cannot
-    be read is reported in the result and skipped, and the batch goes on. ``progress``
-    shows bars over runs and events (default: when stderr is a terminal).
+    same code is skipped unless ``force``; nothing is ever overwritten: new code gives a new
+    child run beside the old one. A run whose data cannot be read is reported in the result
+    and skipped, and the batch goes on. ``progress`` shows bars over runs and events
+    (default: when stderr is a terminal).
 
-    Only a child that :attr:`ChildRun.succeeded` counts as "already reduced": one with a
-    stop document, exit status ``"success"`` and no failed event. An incomplete child (no
-    stop: its process died, or it is still being written), a failed or aborted one, or one
-    with any failed event never blocks a new reduction; the report lists it in
-    ``not_counted``.
+    "The same code" is the same code identity (:func:`code_identity`): for each reducer its
+    name, version, source file sha256, git commit and dirty state, and parameters, read
+    afresh at each call, so an edit (committed or not) reduces again. Only a child this
+    package wrote (:attr:`ChildRun.verified`) that :attr:`ChildRun.succeeded` counts as
+    "already reduced": one with a stop document, exit status ``"success"`` and no failed
+    event. An incomplete child (no stop: its process died, or it is still being written),
+    a failed or aborted one, or one with any failed event never blocks a new reduction;
+    the report lists it in ``not_counted``. A new child on which every event failed is
+    saved (its stop records the failures) but reported in ``failed``, not ``saved``.
+
+    A derived run (its start names ``parent_uids`` or ``provenance``) is not raw data:
+    it is refused (reported in ``failed``) unless ``derived=True``, which reduces it as the
+    parent of a new child.
 
     A raw run without a stop document (its scan is still running, or was interrupted) is
     reduced as far as its saved events go, and listed in ``incomplete``; its child run's
@@ -144,14 +154,14 @@ def reprocess(
     plan = ReductionPlan.for_store(
         reducers, store, streams=streams, writers=writers, root=root, md=md, strict=strict
     )
-    versions = code_versions(plan.code)
+    identity = code_identity(plan.code)
     client = _client_of(source)
     raw_uids = _raw_uids(client, uids_or_query)
     if progress is None:
         progress = sys.stderr.isatty()
     report = ReprocessReport()
     for raw_uid in tqdm(raw_uids, desc="runs", unit="run", disable=not progress):
-        earlier = _same_code_children(store, raw_uid, versions)
+        earlier = _same_code_children(store, raw_uid, identity)
         if not force and (done := [child for child in earlier if child.succeeded]):
             report.skipped[raw_uid] = done[0]
             logger.info("run %s already reduced by this code as %s; skipped", raw_uid, done[0])
@@ -164,12 +174,24 @@ def reprocess(
                 "; ".join(f"{uid} {status}" for uid, status in not_counted.items()),
             )
         try:
-            report.saved[raw_uid] = _reprocess_one(
-                client, raw_uid, plan, store, progress, tqdm, report
+            reduction = _reprocess_one(
+                client, raw_uid, plan, store, progress, tqdm, report, derived=derived
             )
         except Exception as error:
             report.failed[raw_uid] = f"{type(error).__name__}: {error}"
             logger.error("run %s not reprocessed: %s", raw_uid, error)
+            continue
+        child_uid = reduction.child_uid or ""
+        if reduction.events_failed and not reduction.events_reduced:
+            first = reduction.failures[0]["error"] if reduction.failures else "unknown"
+            report.failed[raw_uid] = (
+                f"every event failed ({reduction.events_failed}; first: {first}); the child "
+                f"run {child_uid} records the failures"
+            )
+            report.failed_children[raw_uid] = child_uid
+            logger.error("run %s: %s", raw_uid, report.failed[raw_uid])
+        else:
+            report.saved[raw_uid] = child_uid
     logger.info("reprocess: %s", report)
     return report
 
@@ -182,11 +204,15 @@ def _reprocess_one(
     progress: bool,
     tqdm: Any,
     report: ReprocessReport,
-) -> str:
+    *,
+    derived: bool,
+) -> RunReduction:
     try:
         run = client[raw_uid]
     except KeyError:
         raise RunNotFoundError(f"no run {raw_uid!r} in the source catalog") from None
+    if not derived:
+        _refuse_derived(run, raw_uid)
     complete = stop_document(run) is not None
     documents: list[tuple[str, dict[str, Any]]] = []
     reduction = RunReduction(plan, lambda name, doc: documents.append((name, doc)))
@@ -217,7 +243,7 @@ def _reprocess_one(
             f"saved so far; child run {reduction.child_uid} is marked exit_status 'fail'"
         )
         logger.info("raw run %s: %s", raw_uid, report.incomplete[raw_uid])
-    return reduction.child_uid or ""
+    return reduction
 
 
 def _remove_child_files(plan: ReductionPlan, child_uid: str | None) -> None:

@@ -17,6 +17,8 @@ from urllib.parse import unquote, urlparse
 
 from ._composer import compose_documents
 from ._errors import AssetLocationError, RunNotFoundError
+from ._provenance import check_parents, code_identity
+from ._trust import claims_derivation
 
 __all__ = ["STORE_ENV", "AnalysisStore", "ChildRun", "default_store_location"]
 
@@ -86,11 +88,15 @@ class ChildRun(str):
     from the stop (None without one); ``events_reduced`` and ``events_failed`` from the
     stop's ``reduction`` record (None where the stop has none, as for a run from
     :meth:`AnalysisStore.save`). :attr:`succeeded` says whether the child is a whole,
-    faultless reduction.
+    faultless reduction. ``verified`` is whether this package wrote it (its node carries
+    the package's seal, matching its start; see :meth:`AnalysisStore.children`), and
+    ``identity`` the code identity that decides "already reduced" (:func:`code_identity`).
     """
 
     time: float
     code: list[dict[str, Any]]
+    identity: list[tuple[str, ...]]
+    verified: bool
     complete: bool
     exit_status: str | None
     reason: str | None
@@ -99,14 +105,19 @@ class ChildRun(str):
 
     @classmethod
     def from_start(
-        cls, uid: str, start: Mapping[str, Any], stop: Mapping[str, Any] | None = None
+        cls,
+        uid: str,
+        start: Mapping[str, Any],
+        stop: Mapping[str, Any] | None = None,
+        *,
+        verified: bool = False,
     ) -> ChildRun:
         child = cls(uid)
         child.time = float(start.get("time", 0.0))
-        child.code = [
-            {"name": c.get("name"), "version": c.get("version")}
-            for c in start.get("provenance", {}).get("code", [])
-        ]
+        child.verified = verified
+        code = (start.get("provenance") or {}).get("code") or []
+        child.code = [{"name": c.get("name"), "version": c.get("version")} for c in code]
+        child.identity = code_identity(code)
         child.complete = bool(stop)
         stop = stop or {}
         child.exit_status = stop.get("exit_status")
@@ -146,8 +157,16 @@ class ChildRun(str):
     def code_versions(self) -> str:
         return ", ".join(f"{c['name']} {c['version']}" for c in self.code)
 
+    @property
+    def all_failed(self) -> bool:
+        """Whether the reduction failed on every event it was given (and reduced none)."""
+        return bool(self.events_failed) and not self.events_reduced
+
     def __repr__(self) -> str:
-        return f"ChildRun({str(self)!r}, code={self.code_versions!r}, status={self.status!r})"
+        return (
+            f"ChildRun({str(self)!r}, code={self.code_versions!r}, status={self.status!r}, "
+            f"verified={self.verified!r})"
+        )
 
 
 class AnalysisStore:
@@ -303,11 +322,24 @@ class AnalysisStore:
     def __call__(self, name: str, doc: dict[str, Any], *, close_streams: bool = True) -> None:
         """Save one document; asset files outside the store's readable folders are refused.
 
+        This is the way in for raw runs (``RE.subscribe(store)``). A run saved here is never
+        sealed as this package's derived data: one whose start names ``parent_uids`` or
+        ``provenance`` is kept as an unverified run, which :meth:`children` does not list
+        (see docs/decisions/0007-trusted-provenance.md).
+
         ``close_streams=False`` saves a stop document but leaves telling tiled's stream
         subscribers that the run's streams ended to :meth:`close_streams` or the next
         :meth:`flush`, so that a caller waiting for the run to be saved waits less.
         """
         self.check_asset_location(name, doc)
+        if name == "start" and claims_derivation(doc):
+            logger.warning(
+                "run %s names parent_uids or provenance, but documents given to the store "
+                "directly are not this package's write path: it is saved unsealed, as an "
+                "unverified run that children() does not list (save derived data with "
+                "store.save, AnalysisStoreCallback or reprocess)",
+                doc.get("uid"),
+            )
         self._writer(name, doc, close_streams=close_streams)
 
     def close_streams(self) -> None:
@@ -342,11 +374,14 @@ class AnalysisStore:
         Files go under the store's asset folder unless ``root`` is given. The whole run is
         composed and checked before its first document reaches the catalog, journaled, then
         saved and read back: if the store fails, :class:`DeliveryError` names the journal
-        that ``recover`` delivers later.
+        that ``recover`` delivers later. Parents given by uid must be runs of this store
+        (else :class:`ProvenanceError`); a parent in another catalog is given as its run
+        client or start document.
         """
         from ._delivery import save_documents
 
         kwargs.setdefault("root", self.asset_root)
+        kwargs["parents"] = check_parents(self, kwargs.get("parents", ()))
         documents = list(compose_documents(data_dicts, md, writers_dict, **kwargs))
         save_documents(self, documents)
         return documents[0][1]["uid"]
@@ -369,20 +404,34 @@ class AnalysisStore:
         """Runs matching a tiled query (``tiled.queries``)."""
         return self._client.search(query)
 
-    def children(self, parent_uid: str) -> list[ChildRun]:
+    def children(self, parent_uid: str, *, unverified: bool = False) -> list[ChildRun]:
         """The runs derived from ``parent_uid``, newest first: their uids, each carrying the
         start time, the code (names and versions) that made it and how it ended
-        (:class:`ChildRun`). Incomplete children (no stop document) are listed too."""
+        (:class:`ChildRun`). Incomplete children (no stop document) are listed too.
+
+        Only runs this package wrote are listed: those whose node carries its seal, which
+        matches their start document (:attr:`ChildRun.verified`). ``unverified=True`` adds
+        the runs that only claim ``parent_uid`` as a parent (documents given to the store
+        directly, a start edited after it was saved, runs of versions before the seal).
+        """
         from tiled.queries import Contains
+
+        from ._trust import is_sealed
 
         # TiledWriter keeps the start document under the run's "start" metadata; Contains is a
         # substring match on the JSON text, so membership is checked again here.
         results = self._client.search(Contains("start.parent_uids", parent_uid))
-        children = [
-            ChildRun.from_start(uid, run.start, run.metadata.get("stop"))
-            for uid, run in results.items()
-            if parent_uid in (run.start.get("parent_uids") or ())
-        ]
+        children = []
+        for uid, run in results.items():
+            node_metadata = run.metadata
+            start = node_metadata.get("start") or {}
+            if parent_uid not in (start.get("parent_uids") or ()):
+                continue
+            verified = is_sealed(node_metadata)
+            if verified or unverified:
+                children.append(
+                    ChildRun.from_start(uid, start, node_metadata.get("stop"), verified=verified)
+                )
         return sorted(children, key=lambda child: child.time, reverse=True)
 
     def __repr__(self) -> str:

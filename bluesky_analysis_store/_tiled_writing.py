@@ -41,11 +41,15 @@ _BATCH_SIZE = 100_000
 class FlushingTiledWriter:
     """A document callback that writes runs into a tiled catalog, buffering between flushes."""
 
-    def __init__(self, client: Any, *, flush_interval: float | None = 0.5) -> None:
+    def __init__(
+        self, client: Any, *, flush_interval: float | None = 0.5, seal: bool = False
+    ) -> None:
         """``flush_interval=None``: rows are written only by :meth:`flush` and at a run's
-        stop (the caller decides when)."""
+        stop (the caller decides when). ``seal=True``: each run node gets this package's
+        seal (``_trust.py``); only the package's own write path, delivery, asks for it."""
         self._client = client.include_data_sources()
         self._flush_interval = flush_interval
+        self._seal = seal
         self._run_writers: dict[str, _RunWriter] = {}
         self._last_flush = time.monotonic()
         self._lock = threading.RLock()
@@ -118,11 +122,19 @@ class FlushingTiledWriter:
 
 class _LateClosingRunWriter(_RunWriter):
     """The plugin's run writer, leaving the closing of its streams to its owner when the
-    owner says so (see ``FlushingTiledWriter.__call__``)."""
+    owner says so (see ``FlushingTiledWriter.__call__``), and sealing the run node when
+    the owner seals."""
 
     def __init__(self, owner: FlushingTiledWriter, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._owner = owner
+
+    def start(self, doc: Any) -> None:
+        super().start(doc)
+        if self._owner._seal:  # one request more per run, beside the start it seals
+            from ._trust import SEAL_KEY, seal_for
+
+            self.root_node.update_metadata({SEAL_KEY: seal_for(doc)}, drop_revision=True)
 
     def _close_stream_tree(self) -> None:
         if self._owner._defer_closing:

@@ -24,6 +24,7 @@ worker finishes it, within a bounded time (see ``_handover.close_at_exit``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import logging
@@ -52,6 +53,7 @@ from ._handover import (
     wait_while_alive,
 )
 from ._live_router import LiveRouter
+from ._reducers import code_as_loaded
 from ._reduction import ReductionPlan
 
 __all__ = ["ProcessWorker", "main"]
@@ -526,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _only_forward(root)
         plan, store = decode(setup[1:])
+        # The child runs name the code this process imported, not what the callback saw.
+        plan = dataclasses.replace(plan, code=code_as_loaded(plan.reducers, plan.code))
         router = LiveRouter(
             plan,
             store,

@@ -20,7 +20,9 @@ HANDLER_SPECS = frozenset({"BAS_TIFF_SERIES", "BAS_HDF5", "BAS_NPY_SERIES"})
 
 # Provenance that satisfies the strict check: a parent run and importable, installed code.
 PARENT_UID = "00000000-0000-4000-8000-000000000001"
-PROVENANCE = {"parents": [PARENT_UID], "code": np.mean}
+# The parent as a start document: a bare uid that the store does not hold is refused.
+PARENT_START = {"uid": PARENT_UID, "time": 0.0}
+PROVENANCE = {"parents": [PARENT_START], "code": np.mean}
 
 
 def make_frames(

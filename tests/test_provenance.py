@@ -22,7 +22,6 @@ from _helpers import PARENT_UID, assert_empty_or_missing, make_frames, validate
 
 from bluesky_analysis_store import (
     ProvenanceError,
-    _provenance,
     code_record,
     compose_documents,
     environment_record,
@@ -87,13 +86,6 @@ def import_module_from(monkeypatch: pytest.MonkeyPatch):
         sys.modules.pop(name, None)
 
 
-@pytest.fixture(autouse=True)
-def fresh_git_cache():
-    _provenance._git_state.cache_clear()
-    yield
-    _provenance._git_state.cache_clear()
-
-
 # --- code -----------------------------------------------------------------------------------
 
 
@@ -134,8 +126,8 @@ def test_code_in_a_git_checkout(tmp_path: Path, import_module_from) -> None:
     assert record["sha256"] == sha256(path)
     assert "distribution" not in record
 
+    # Read afresh: no cache to clear between an edit and the next record.
     path.write_text(REDUCER_SOURCE + "\n# changed after the commit\n")
-    _provenance._git_state.cache_clear()
     changed = code_record(module.reduce)
     assert changed["commit"] == head
     assert changed["dirty"] is True
@@ -289,10 +281,11 @@ def test_parents_as_uids_start_documents_and_records(tmp_path: Path) -> None:
     )
     child = documents[0][1]
     assert child["parent_uids"] == [start["uid"], "second", "third"]
+    # A start document is its own evidence; a bare uid or a record was not checked.
     assert child["provenance"]["parents"] == [
-        {"uid": start["uid"]},
-        {"uid": "second", "streams": ["primary", "baseline"]},
-        {"uid": "third"},
+        {"uid": start["uid"], "verified": True, "verified_by": "start document"},
+        {"uid": "second", "streams": ["primary", "baseline"], "verified": False},
+        {"uid": "third", "verified": False},
     ]
     # A single start document is one parent, not a sequence of its keys.
     assert make_provenance(parents=start, code=np.mean)[0] == [start["uid"]]

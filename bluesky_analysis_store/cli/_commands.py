@@ -118,12 +118,15 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
         writers=dict(args.writer) if args.writer else None,
         md=_md(args.md),
         force=args.force,
+        derived=args.derived,
     )
     print(report)
     for raw_uid, child_uid in report.saved.items():
         print(f"  saved {raw_uid}: child run {child_uid}")
     for raw_uid, child_uid in report.skipped.items():
         print(f"  already reduced {raw_uid}: child run {child_uid} (use --force for another)")
+    for raw_uid, child_uid in report.failed_children.items():
+        print(f"  FAILED {raw_uid}: every event failed; child run {child_uid} records why")
     return EXIT_FAILED if report.failed else EXIT_OK
 
 

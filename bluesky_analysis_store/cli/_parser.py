@@ -261,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reduce saved raw runs again with the given reducers and save the child runs into the "
         "store; runs already reduced by the same code are skipped (only a child with a stop "
         "document, exit status success and no failed event counts: an incomplete or failed "
-        "child is redone); a raw run without a stop document (interrupted, or still running) "
-        "is reduced up to its last saved event, and its child is marked exit status fail",
+        "child is redone, and so is one by an edited reducer, committed or not); a raw run "
+        "without a stop document (interrupted, or still running) is reduced up to its last "
+        "saved event, and its child is marked exit status fail; a run on which every event "
+        "fails is reported FAILED (exit status 1)",
         cmd_reprocess,
     )
     reprocess.add_argument(
@@ -303,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="reduce runs again even if the same code already made a child run of them",
+    )
+    reprocess.add_argument(
+        "--derived",
+        action="store_true",
+        help="also reduce runs that are themselves derived (their start names parent_uids "
+        "or provenance); without it such a run is refused, as it is not raw data",
     )
     reprocess.add_argument(
         "--md", metavar="KEY=VALUE", type=key_value, action="append", help=_MD_HELP
