@@ -9,6 +9,7 @@ descriptor, number datums and count events for the stop document.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import event_model
 import numpy as np
 from event_model import DocumentNames, schema_validators
 
+from ._confinement import check_readable
 from ._data_keys import (
     check_data_key,
     check_stream_keys,
@@ -27,9 +29,15 @@ from ._data_keys import (
     merge_data_key,
     normalise_value,
 )
-from ._errors import AnalysisStoreError, DataKeyError, DataValueError, MetadataError
+from ._errors import (
+    AnalysisStoreError,
+    AssetExistsError,
+    DataKeyError,
+    DataValueError,
+    MetadataError,
+)
 from ._provenance import make_provenance
-from ._writer_specs import WriterSpec, ensure_writable_root, resolve_writers
+from ._writer_specs import PlannedFile, WriterSpec, ensure_writable_root, resolve_writers
 
 __all__ = ["AssetDocuments", "RunComposer", "compose_documents"]
 
@@ -71,6 +79,7 @@ class _Stream:
         self.bundle = bundle
         self.data_keys = data_keys
         self.file_keys: dict[str, _FileKey] = {}
+        self.planned: dict[str, PlannedFile] = {}
 
 
 class RunComposer:
@@ -296,16 +305,54 @@ class RunComposer:
                     f"{tuple(new['shape'])}"
                 )
 
+    def plan_files(self) -> list[PlannedFile]:
+        """Plan and check the files of every file-backed key of the declared streams.
+
+        Each path is resolved (symlinks too) and refused if it leaves its root or holds
+        data already (see :meth:`WriterSpec.plan`), and two keys may not share one: all
+        before any writer is made, so a refused run writes nothing. Keys of streams
+        declared later are planned when their first value is written.
+        """
+        return [
+            self._plan_file(stream, known, key)
+            for stream, known in self._streams.items()
+            for key in known.data_keys
+            if key in self._writers
+        ]
+
+    def _plan_file(self, stream: str, known: _Stream, key: str) -> PlannedFile:
+        planned = known.planned.get(key)
+        if planned is not None:
+            return planned
+        spec = self._writers[key]
+        planned = spec.plan(
+            {"start": self.start_doc, "descriptor": known.bundle.descriptor_doc},
+            key,
+            # The run uid first: no two runs' default paths meet.
+            f"{self.uid}/{stream}/{key}",
+        )
+        real = os.path.realpath(planned.full_path)
+        for other_stream, other in self._streams.items():
+            for other_key, other_planned in other.planned.items():
+                if os.path.realpath(other_planned.full_path) == real:
+                    raise AssetExistsError(
+                        errno.EEXIST,
+                        f"{key!r} of stream {stream!r} would be written to "
+                        f"{planned.full_path!r}, where {other_key!r} of stream "
+                        f"{other_stream!r} is written",
+                        planned.full_path,
+                    )
+        known.planned[key] = planned
+        return planned
+
     def _open_file_key(
         self, stream: str, known: _Stream, key: str, docs: list[Document]
     ) -> _FileKey:
         spec = self._writers[key]
-        root = ensure_writable_root(spec.root)
-        stem = f"{self.uid}/{stream}/{key}"
-        resource_path, resource_kwargs = spec.resource(
-            {"start": self.start_doc, "descriptor": known.bundle.descriptor_doc}, key, stem
-        )
-        full_path = os.path.join(root, resource_path)
+        planned = self._plan_file(stream, known, key)
+        root = ensure_writable_root(planned.root)
+        resource_path, resource_kwargs = planned.resource_path, dict(planned.resource_kwargs)
+        full_path = planned.full_path
         writer = spec.writer(full_path, **resource_kwargs)
         if self._asset_documents == "stream":
             if spec.file_format is None:
@@ -399,6 +446,7 @@ def compose_documents(
     root: str | os.PathLike[str] | None = None,
     asset_documents: AssetDocuments = "stream",
     strict: bool = True,
+    readable_roots: Iterable[str | os.PathLike[str]] | None = None,
 ) -> Iterator[Document]:
     """Yield ``(name, doc)`` for one complete run holding ``data_dicts``.
 
@@ -406,14 +454,20 @@ def compose_documents(
     document, next to ``parent_uids`` and ``provenance`` (see :func:`make_provenance` for
     ``parents``, ``files``, ``code`` and ``strict``). Keys in ``writers_dict`` are written to
     files under ``root``; the rest go inline. Every input is checked before the first file is
-    written, so a refused run leaves nothing behind.
+    written, so a refused run leaves nothing behind: so is every file's path, which must stay
+    inside its writer root (symlinks resolved) and hold no data yet, and, when
+    ``readable_roots`` is given (:meth:`AnalysisStore.save` gives the store's), lie inside
+    one of those folders (:class:`AssetLocationError`, :class:`AssetExistsError`).
     """
     data_dicts = list(data_dicts)
     metadata = check_metadata(md)
     writers = resolve_writers(writers_dict, root)
     planned = _plan_streams(data_dicts, writers)
+    readable = None if readable_roots is None else [os.fspath(r) for r in readable_roots]
     used_roots = {writers[key].root for keys in planned.values() for key in keys if key in writers}
     for used_root in sorted(used_roots):
+        if readable is not None:  # before the root is made: nothing may appear outside
+            check_readable(used_root, readable, what="the writer root")
         ensure_writable_root(used_root)
     parent_uids, provenance = make_provenance(parents, files, code, strict=strict)
     composer = RunComposer(
@@ -421,20 +475,26 @@ def compose_documents(
         writers,
         asset_documents=asset_documents,
     )
-    return _emit(composer, data_dicts, planned)
+    # Descriptors first (a resource func is given its stream's), then every file planned.
+    descriptors = {
+        stream: composer.declare_stream(stream, keys) for stream, keys in planned.items()
+    }
+    for planned_file in composer.plan_files():
+        if readable is not None:
+            check_readable(planned_file.full_path, readable, what="a planned file")
+    return _emit(composer, data_dicts, descriptors)
 
 
 def _emit(
     composer: RunComposer,
     data_dicts: list[Mapping[str, Mapping[str, Any]]],
-    planned: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    descriptors: dict[str, list[Document]],
 ) -> Iterator[Document]:
     try:
         yield from composer.start()
         for by_stream in data_dicts:
             for stream, data in by_stream.items():
-                if composer.data_keys(stream) is None:
-                    yield from composer.declare_stream(stream, planned[stream])
+                yield from descriptors.pop(stream, [])  # just before its stream's first event
                 yield from composer.event(stream, data)
         yield from composer.stop("success")
     finally:

@@ -1,8 +1,14 @@
-"""Checking derived values and describing them as event-model data keys."""
+"""Checking derived values and describing them as event-model data keys.
+
+What is accepted is what the store gives back equal: the same values, dtype and shape.
+Anything else is refused here, with :class:`DataKeyError` or :class:`DataValueError`, before a
+file is written or a document reaches the store. Which dtypes survive which path was measured
+against tiled 0.2.20 and bluesky-tiled-plugins 2.0.12 (inline scalars become columns of the
+catalog's SQL tables, inline arrays zarr arrays, file keys frames of the file format's reader).
+"""
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -12,9 +18,14 @@ import numpy as np
 from ._errors import DataKeyError, DataValueError
 
 __all__ = [
+    "FILE_DTYPE_KINDS",
+    "INLINE_ARRAY_KINDS",
     "RESERVED_KEYS",
     "check_data_key",
+    "check_storable",
     "check_stream_keys",
+    "check_stream_name",
+    "conform_value",
     "describe_value",
     "merge_data_key",
     "normalise_value",
@@ -27,25 +38,72 @@ _DATA_KEY_PATTERN = re.compile(r"^[^./]+$")
 _COLUMN_START = re.compile(r"^[A-Za-z]")
 _FORBIDDEN_IN_COLUMNS = re.compile(r"""['"`;\\%()=+]|--|/\*|\*/""")
 _MAX_KEY_BYTES = 63 - len("ts_")
-# Column names of the tables that tiled stores events in.
+# Keys and stream names are also parts of URLs (httpx refuses control characters; '#' and
+# '?' end a path) and of file name templates (braces are str.format fields).
+_FORBIDDEN_IN_NAMES = re.compile(r"[\x00-\x1f\x7f-\x9f#?{}]")
+# A stream name is a folder name under the writer root and a node of the catalog.
+_MAX_STREAM_BYTES = 255
+# Column names of the tables that tiled stores events in (compared ignoring case).
 RESERVED_KEYS = frozenset({"time", "seq_num"})
+
+# The largest integers the catalog's SQL columns hold.
+_INT64 = np.iinfo(np.int64)
+# numpy dtype kinds the store gives back from a zarr array (an inline array).
+INLINE_ARRAY_KINDS = "biufcmMSU"
+# numpy dtype kinds each file format of the package gives back, and the frame dimensions
+# it keeps (tifffile reads a 3-d frame as colour planes).
+FILE_DTYPE_KINDS: dict[str, tuple[str, range]] = {
+    "BAS_HDF5": ("biufcS", range(0, 33)),
+    "BAS_TIFF_SERIES": ("biufc", range(1, 3)),
+    "BAS_NPY_SERIES": ("biufcmMSU", range(0, 33)),
+}
+# A writer of the user's own: only what no file could hold is refused.
+_ANY_FILE_KINDS = "biufcmMSU"
+
+
+def _check_name(what: str, name: Any, *, max_bytes: int) -> str:
+    if not isinstance(name, str) or not _DATA_KEY_PATTERN.match(name):
+        raise DataKeyError(
+            f"{what} {name!r} is not allowed: it must be a non-empty string without '/' or '.'"
+        )
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise DataKeyError(f"{what} {name!r} is not valid unicode (a lone surrogate)") from None
+    if found := _FORBIDDEN_IN_NAMES.search(name):
+        raise DataKeyError(
+            f"{what} {name!r} contains {found.group()!r}: control characters, '#', '?', "
+            "'{' and '}' are not allowed"
+        )
+    if _FORBIDDEN_IN_COLUMNS.search(name):
+        raise DataKeyError(
+            f"{what} {name!r} is not allowed: leave out quotes, ';', '\\', '%', '(', ')', "
+            "'=', '+', '--', '/*'"
+        )
+    if size > max_bytes:
+        raise DataKeyError(f"{what} {name!r} is longer than {max_bytes} bytes")
+    return name
 
 
 def check_data_key(key: Any) -> str:
-    if not isinstance(key, str) or not _DATA_KEY_PATTERN.match(key):
+    _check_name("data key", key, max_bytes=_MAX_KEY_BYTES)
+    if key.lower() in RESERVED_KEYS:
         raise DataKeyError(
-            f"data key {key!r} is not allowed: a data key is a non-empty string without '/' or '.'"
+            f"data key {key!r} is reserved (the store's tables have a column of that name, "
+            "ignoring case); rename it"
         )
-    if key in RESERVED_KEYS:
-        raise DataKeyError(f"data key {key!r} is reserved (the store's tables use it); rename it")
-    if not _COLUMN_START.match(key) or _FORBIDDEN_IN_COLUMNS.search(key):
+    if not _COLUMN_START.match(key):
         raise DataKeyError(
-            f"data key {key!r} cannot name a column of the store's tables: start it with a "
-            "letter and leave out quotes, ';', '\\', '%', '(', ')', '=', '+', '--', '/*'"
+            f"data key {key!r} cannot name a column of the store's tables: start it with an "
+            "ASCII letter"
         )
-    if len(key.encode()) > _MAX_KEY_BYTES:
-        raise DataKeyError(f"data key {key!r} is longer than {_MAX_KEY_BYTES} bytes")
     return key
+
+
+def check_stream_name(stream: Any) -> str:
+    """Refuse a stream name that could not name a folder under the writer root and a node
+    of the catalog: the characters of a data key only, and no '.' (so never ``..``)."""
+    return _check_name("stream name", stream, max_bytes=_MAX_STREAM_BYTES)
 
 
 def check_stream_keys(stream: str, keys: Iterable[str]) -> None:
@@ -65,35 +123,116 @@ def check_stream_keys(stream: str, keys: Iterable[str]) -> None:
                 )
 
 
-def normalise_value(key: str, value: Any) -> Any:
-    """A plain Python scalar, a string, or a numpy array; anything else is refused."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, np.generic):
-        value = np.asarray(value)
-    try:
-        array = np.asarray(value)
-    except Exception as error:  # ragged nested lists and the like
-        raise DataValueError(f"value of {key!r} cannot be made an array: {error}") from error
-    if array.dtype.kind == "O":
+# --- values -------------------------------------------------------------------------------
+
+
+def _refuse_tables(key: str, value: Any) -> None:
+    module = type(value).__module__.split(".")[0]
+    if module in ("pandas", "xarray", "polars", "pyarrow"):
         raise DataValueError(
-            f"value of {key!r} has dtype object ({type(value).__name__}); give numbers, "
+            f"value of {key!r} is a {type(value).__name__}: tables and labelled arrays are not "
+            "supported yet (their column names, index or coordinates would be lost); give "
+            "each column as a key of its own, as a numpy array"
+        )
+    if isinstance(value, np.ma.MaskedArray):
+        raise DataValueError(f"value of {key!r} is a masked array: the mask would be lost")
+
+
+def _check_text(key: str, text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise DataValueError(f"value of {key!r} is not valid unicode (a lone surrogate)") from None
+    if text.endswith("\x00"):  # numpy's strings, which the store reads back as, drop them
+        raise DataValueError(f"value of {key!r} ends with a NUL character, which is not kept")
+    return text
+
+
+def _from_sequence(key: str, value: list | tuple) -> np.ndarray:
+    """An array of a (nested) list, refused unless every element survives the conversion."""
+    array = np.asarray(value)
+    if array.dtype.kind in "OV":
+        return array
+    if not _same_leaves(value, array.tolist()):
+        raise DataValueError(
+            f"value of {key!r} mixes elements that numpy would change to make one "
+            f"{array.dtype} array (strings and numbers, or integers a float cannot hold)"
+        )
+    return array
+
+
+def _same_leaves(given: Any, made: Any) -> bool:
+    if isinstance(given, (list, tuple)):
+        return (
+            isinstance(made, list)
+            and len(given) == len(made)
+            and all(_same_leaves(g, m) for g, m in zip(given, made, strict=True))
+        )
+    if isinstance(given, np.ndarray):
+        made_array = np.asarray(made)
+        return given.dtype.kind not in "OV" and _same_values(made_array.astype(given.dtype), given)
+    if isinstance(given, str) != isinstance(made, str) or isinstance(given, bytes) != isinstance(
+        made, bytes
+    ):
+        return False
+    if given != given and made != made:  # NaN
+        return True
+    try:
+        return bool(given == made)
+    except Exception:
+        return False
+
+
+def normalise_value(key: str, value: Any) -> Any:
+    """A Python bool, int, float or str, a numpy scalar (its dtype kept) or a numpy array of
+    native byte order; anything the store could not give back equal is refused."""
+    kind = type(value)
+    if kind is bool or kind is float:
+        return value
+    if kind is int:
+        if not _INT64.min <= value <= _INT64.max:
+            raise DataValueError(
+                f"value of {key!r} is {value}, outside the 64-bit integers the store holds"
+            )
+        return value
+    if kind is str:
+        return _check_text(key, value)
+    _refuse_tables(key, value)
+    if isinstance(value, np.generic):
+        if value.dtype.kind in "OV":
+            raise DataValueError(f"value of {key!r} has dtype {value.dtype}, which is not stored")
+        if isinstance(value, np.str_):
+            _check_text(key, str(value))
+        return value
+    try:
+        if isinstance(value, (list, tuple)):
+            array = _from_sequence(key, value)
+        else:
+            array = np.asarray(value)
+    except DataValueError:
+        raise
+    except Exception as error:  # ragged nested lists, integers too large, and the like
+        raise DataValueError(f"value of {key!r} cannot be made an array: {error}") from error
+    if array.dtype.kind in "OV":
+        raise DataValueError(
+            f"value of {key!r} has dtype {array.dtype} ({type(value).__name__}); give numbers, "
             "strings or numeric arrays"
         )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.ndim == 0:
-        return array.item()
+        return array[()]
     return array
+
+
+_SCALAR_DTYPE_NAMES = {"b": "boolean", "i": "integer", "u": "integer", "f": "number", "U": "string"}
 
 
 def _dtype_name(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
+    if isinstance(value, np.generic):
+        return _SCALAR_DTYPE_NAMES.get(value.dtype.kind, "array")
     if isinstance(value, int):
         return "integer"
     if isinstance(value, float):
@@ -105,7 +244,7 @@ def _dtype_name(value: Any) -> str:
 
 def describe_value(value: Any, *, source: str = "analysis") -> dict[str, Any]:
     """The event-model data key of an already normalised value."""
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, np.generic)):
         shape = list(value.shape)
         dtype_numpy = value.dtype.str
     else:
@@ -119,6 +258,85 @@ def describe_value(value: Any, *, source: str = "analysis") -> dict[str, Any]:
     }
 
 
+def check_storable(
+    key: str, data_key: Mapping[str, Any], *, to_file: bool, spec: str | None = None
+) -> None:
+    """Refuse a data key whose values the store would not give back equal.
+
+    ``to_file`` keys are frames of the format of ``spec`` (any spec the package does not
+    know is a writer of the user's own, trusted with every dtype but objects); the others
+    are inline: single values are columns of the catalog's SQL tables (booleans, integers
+    up to 64 bits but unsigned 64, 32- and 64-bit floats, strings), arrays zarr arrays.
+    """
+    shape = tuple(data_key.get("shape") or ())
+    try:
+        dtype = np.dtype(data_key["dtype_numpy"])
+    except (KeyError, TypeError) as error:
+        raise DataValueError(f"{key!r} has no numpy dtype the store knows: {error}") from None
+    if 0 in shape:
+        raise DataValueError(
+            f"{key!r} has an empty shape {shape}: the store keeps no empty arrays (tables and "
+            "files need at least one element a value)"
+        )
+    if dtype.kind in "mM" and np.datetime_data(dtype)[0] == "generic":
+        raise DataValueError(f"{key!r} has dtype {dtype} without a time unit")
+    if to_file:
+        kinds, dims = FILE_DTYPE_KINDS.get(spec or "", (_ANY_FILE_KINDS, range(0, 33)))
+        if dtype.kind not in kinds:
+            raise DataValueError(
+                f"{key!r} is written as {spec} frames, which do not hold dtype {dtype}; "
+                "choose another format (NPY holds every numeric, time and string dtype)"
+            )
+        if len(shape) not in dims:
+            raise DataValueError(
+                f"{key!r} is written as {spec} frames of {dims.start} to {dims.stop - 1} "
+                f"dimensions, not of shape {shape}"
+            )
+        return
+    if shape:
+        if dtype.kind not in INLINE_ARRAY_KINDS:
+            raise DataValueError(f"{key!r} is an array of dtype {dtype}, which is not stored")
+        return
+    if dtype.kind in "biU" or (dtype.kind == "u" and dtype.itemsize <= 4):
+        return
+    if dtype.kind == "f" and dtype.itemsize in (4, 8):
+        return
+    raise DataValueError(
+        f"a single {dtype} value of {key!r} cannot be stored inline (the store's tables have "
+        f"no {dtype} column): give it as an array of shape (1,), write it to a file, or "
+        "convert it to a dtype the tables hold (bool, int8-64, uint8-32, float32/64, str)"
+    )
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind in "fcmM" and b.dtype.kind in "fcmM":
+        return bool(np.array_equal(a, b, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def conform_value(key: str, value: Any, data_key: Mapping[str, Any]) -> Any:
+    """``value`` with the dtype ``data_key`` declares, refused unless that keeps it exactly
+    (an int that a float cannot hold, a string longer than the declared width...)."""
+    declared = np.dtype(data_key["dtype_numpy"])
+    given = np.asarray(value)
+    if given.dtype == declared:
+        return value
+    with np.errstate(all="ignore"):
+        try:
+            cast = given.astype(declared)
+            back = cast.astype(given.dtype)
+        except (TypeError, ValueError, OverflowError):
+            cast = back = None
+    if back is None or not _same_values(back, given):
+        raise DataValueError(
+            f"{key!r} was declared {declared} for its stream; this value of dtype "
+            f"{given.dtype} would not be kept exactly as {declared}"
+        )
+    return cast[()] if cast.ndim == 0 else cast
+
+
 def merge_data_key(
     key: str, known: Mapping[str, Any], new: Mapping[str, Any], *, to_file: bool
 ) -> dict[str, Any]:
@@ -127,7 +345,8 @@ def merge_data_key(
     Values written to files keep one shape and dtype per stream: each file format stores
     frames of one kind and tiled reads them as one array. Inline values keep one shape too
     (the catalog's tables hold no variable-length arrays), but numbers may widen (int to
-    float) and strings may grow.
+    float) and strings may grow; each value must then be kept exactly by the wider dtype
+    (see :func:`conform_value`).
     """
     if known["shape"] == new["shape"] and known["dtype_numpy"] == new["dtype_numpy"]:
         return dict(known)
@@ -152,7 +371,7 @@ def merge_data_key(
     if known["dtype"] != new["dtype"]:
         kinds = {known["dtype"], new["dtype"]}
         if kinds <= {"integer", "number", "boolean"}:
-            merged["dtype"] = "number"
+            merged["dtype"] = "number" if dtype.kind in "fc" else "integer"
         else:
             raise DataValueError(
                 f"{key!r} mixes {known['dtype']} and {new['dtype']} values within a stream"

@@ -42,15 +42,29 @@ def test_reserved_keys_are_the_table_columns() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected", "kind"),
-    [
-        (True, True, bool), (np.bool_(False), False, bool), (3, 3, int), (np.int16(-4), -4, int),
-        (np.uint64(2**63), 2**63, int), (2.5, 2.5, float), (np.float32(0.25), 0.25, float),
-        ("text", "text", str), (np.array(7), 7, int), (np.array(1.5), 1.5, float),
-    ],
+    [(True, True, bool), (3, 3, int), (2.5, 2.5, float), ("text", "text", str)],
 )
-def test_scalars_become_plain_python(value, expected, kind) -> None:
+def test_python_scalars_stay_as_given(value, expected, kind) -> None:
     result = normalise_value("k", value)
     assert type(result) is kind and result == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [
+        (np.bool_(False), "bool"), (np.int8(5), "int8"), (np.int16(-4), "int16"),
+        (np.uint64(2**63), "uint64"), (np.float32(0.1), "float32"), (np.float16(1), "float16"),
+        (np.array(7, dtype="u1"), "uint8"), (np.array(1.5, dtype=">f4"), "float32"),
+        (np.complex64(1j), "complex64"),
+    ],
+)
+def test_numpy_scalars_and_0d_arrays_keep_their_dtype(value, dtype) -> None:
+    result = normalise_value("k", value)
+    assert isinstance(result, np.generic) and result.dtype == np.dtype(dtype)
+    assert result == value
+    assert describe_value(result)["shape"] == [] and describe_value(result)["dtype_numpy"] == (
+        np.dtype(dtype).str
+    )
 
 
 def test_arrays_stay_arrays() -> None:
