@@ -18,13 +18,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import event_model
+import jsonschema
 import numpy as np
 from event_model import DocumentNames, schema_validators
 
 from ._confinement import check_readable
 from ._data_keys import (
     check_data_key,
+    check_storable,
     check_stream_keys,
+    check_stream_name,
+    conform_value,
     describe_value,
     merge_data_key,
     normalise_value,
@@ -50,18 +54,98 @@ Document = tuple[str, dict[str, Any]]
 RESERVED_START_KEYS = frozenset({"uid", "time", "parent_uids", "provenance"})
 
 
+# The catalog keeps metadata as JSON and bluesky-tiled-plugins clips integral numbers to
+# JavaScript's safe integers (truncate_json_overflow): only these are kept exactly.
+_MAX_JSON_INT = 2**53 - 1
+
+
 def check_metadata(md: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``md`` that the store keeps exactly, or :class:`MetadataError`.
+
+    Refused: what JSON cannot hold or would change (NaN, infinities, tuples, keys that are
+    not strings, lone surrogates, numbers other than ``int``/``float``/``bool``), integral
+    numbers beyond +-(2**53 - 1) (the store clips them), and values the start document's
+    schema refuses (``scan_id`` must be an integer, ``group`` a string...).
+    """
+    if md is not None and not isinstance(md, Mapping):
+        raise MetadataError(f"metadata must be a mapping, not {type(md).__name__}")
     md = dict(md or {})
     if taken := RESERVED_START_KEYS & md.keys():
         raise MetadataError(
             f"metadata may not set {sorted(taken)}: the package fills them from the provenance"
         )
     try:
-        json.dumps(md, allow_nan=True)
+        _check_json_exact(md, "md", set())
+        json.dumps(md, allow_nan=False)
+    except RecursionError:
+        raise MetadataError("metadata is nested too deeply to be stored") from None
     except (TypeError, ValueError) as error:
         raise MetadataError(f"metadata is not JSON-serialisable: {error}") from error
+    check_start_schema({"uid": "00000000-0000-0000-0000-000000000000", "time": 0.0, **md})
     # The start document must not share nested dicts or lists with the caller's md.
     return copy.deepcopy(md)
+
+
+def check_start_schema(start: Mapping[str, Any]) -> None:
+    """Refuse a start document that event-model's schema refuses, as :class:`MetadataError`."""
+    try:
+        schema_validators[DocumentNames.start].validate(dict(start))
+    except jsonschema.ValidationError as error:
+        where = ".".join(str(p) for p in error.absolute_path) or "the start document"
+        raise MetadataError(
+            f"metadata {where!r} is refused by the start document's schema: {error.message}"
+        ) from None
+
+
+def _check_json_exact(value: Any, where: str, seen: set[int]) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise MetadataError(f"{where} is not valid unicode (a lone surrogate)") from None
+        return
+    if isinstance(value, int):
+        if not -_MAX_JSON_INT <= value <= _MAX_JSON_INT:
+            raise MetadataError(
+                f"{where} = {value} is beyond +-(2**53 - 1), the integers the store's "
+                "metadata keeps exactly; store it as a string"
+            )
+        return
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise MetadataError(f"{where} = {value}: NaN and infinities are not JSON")
+        if value.is_integer() and not -_MAX_JSON_INT <= value <= _MAX_JSON_INT:
+            raise MetadataError(
+                f"{where} = {value!r} is a whole number beyond +-(2**53 - 1), which the "
+                "store's metadata clips; store it as a string"
+            )
+        return
+    if id(value) in seen:
+        raise MetadataError(f"{where} contains itself")
+    if isinstance(value, Mapping):
+        seen = seen | {id(value)}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise MetadataError(
+                    f"{where} has the key {key!r}: metadata keys must be strings (JSON "
+                    "would turn it into one)"
+                )
+            _check_json_exact(key, f"{where} key {key!r}", seen)
+            _check_json_exact(item, f"{where}[{key!r}]", seen)
+        return
+    if isinstance(value, list):
+        seen = seen | {id(value)}
+        for n, item in enumerate(value):
+            _check_json_exact(item, f"{where}[{n}]", seen)
+        return
+    if isinstance(value, tuple):
+        raise MetadataError(f"{where} is a tuple, which the store gives back as a list")
+    raise MetadataError(
+        f"{where} is a {type(value).__name__}, which JSON cannot hold; give str, int, float, "
+        "bool, None, lists and dicts of them"
+    )
 
 
 class _FileKey:
@@ -113,6 +197,8 @@ class RunComposer:
         self._inline_keys = frozenset(inline_keys)
         self._asset_documents = asset_documents
         self._validate = validate
+        if validate:
+            check_start_schema({"uid": uid or "0", "time": 0.0, **start_metadata})
         self._bundle = event_model.compose_run(
             uid=uid, time=time, metadata=dict(start_metadata), validate=validate
         )
@@ -140,18 +226,23 @@ class RunComposer:
         self, stream: str, data_keys: Mapping[str, Mapping[str, Any]]
     ) -> list[Document]:
         """Emit the descriptor of ``stream``; ``data_keys`` describe the values to come."""
+        check_stream_name(stream)
         if stream in self._streams:
             raise AnalysisStoreError(f"stream {stream!r} is already declared")
         check_stream_keys(stream, [check_data_key(key) for key in data_keys])
         described = {}
+        writers = dict(self._writers)  # taken on only once every key is accepted
         for key, data_key in data_keys.items():
             described[check_data_key(key)] = dict(data_key)
             if self._writes_by_default(key, data_key):
-                self._writers[key] = self._array_writer
-            if key in self._writers:
+                writers[key] = self._array_writer
+            spec = writers.get(key)
+            check_storable(key, data_key, to_file=spec is not None, spec=spec and spec.spec)
+            if key in writers:
                 described[key]["external"] = (
                     "STREAM:" if self._asset_documents == "stream" else "FILESTORE:"
                 )
+        self._writers = writers
         bundle = self._bundle.compose_descriptor(
             name=stream, data_keys=described, validate=self._validate
         )
@@ -176,7 +267,7 @@ class RunComposer:
             docs += self.declare_stream(stream, {k: describe_value(v) for k, v in values.items()})
             known = self._streams[stream]
         else:
-            self._check_against_descriptor(stream, known, values)
+            values = self._check_against_descriptor(stream, known, values)
 
         now = ttime.time() if time is None else time
         event_data: dict[str, Any] = {}
@@ -258,7 +349,7 @@ class RunComposer:
                     file_key = known.file_keys.get(key) or self._open_file_key(
                         stream, known, key, docs
                     )
-                    written[key] = (file_key, file_key.writer(value))
+                    written[key] = (file_key, file_key.writer(np.asarray(value)))
         except Exception as error:
             self._unsent = docs  # descriptors and resources only: no datum is made yet
             kept = [key for key, (file_key, _) in written.items() if not _rewound(file_key)]
@@ -280,12 +371,13 @@ class RunComposer:
             and key not in self._writers
             and key not in self._inline_keys
             and bool(data_key["shape"])
-            and np.dtype(data_key["dtype_numpy"]).kind in "biuf"
+            and np.dtype(data_key.get("dtype_numpy", "O")).kind in "biuf"
         )
 
     def _check_against_descriptor(
-        self, stream: str, known: _Stream, values: Mapping[str, Any]
-    ) -> None:
+        self, stream: str, known: _Stream, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``values`` in the dtypes of the descriptor, or refused if that changes them."""
         if set(values) != set(known.data_keys):
             raise DataKeyError(
                 f"stream {stream!r} was declared with keys {sorted(known.data_keys)}, "
@@ -304,6 +396,8 @@ class RunComposer:
                     f"{tuple(declared['shape'])}; this value is {new['dtype']} of shape "
                     f"{tuple(new['shape'])}"
                 )
+            values[key] = conform_value(key, value, declared)
+        return values
 
     def plan_files(self) -> list[PlannedFile]:
         """Plan and check the files of every file-backed key of the declared streams.
@@ -401,17 +495,19 @@ def _rewound(file_key: _FileKey) -> bool:
 
 def _plan_streams(
     data_dicts: list[Mapping[str, Mapping[str, Any]]], writers: Mapping[str, WriterSpec]
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Check every value and return the data keys of each stream, before anything is written."""
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, dict[str, Any]]]]:
+    """Check every value and return the data keys of each stream and the events' values in
+    those keys' dtypes, before anything is written."""
     streams: dict[str, dict[str, dict[str, Any]]] = {}
+    events: list[dict[str, dict[str, Any]]] = []
     for n, by_stream in enumerate(data_dicts):
         if not isinstance(by_stream, Mapping):
             raise AnalysisStoreError(
                 f"data_dicts[{n}] must map stream names to data, not {type(by_stream).__name__}"
             )
+        event: dict[str, dict[str, Any]] = {}
         for stream, data in by_stream.items():
-            if not isinstance(stream, str) or not stream:
-                raise AnalysisStoreError(f"data_dicts[{n}] has an invalid stream name {stream!r}")
+            check_stream_name(stream)
             if not isinstance(data, Mapping):
                 raise AnalysisStoreError(
                     f"data_dicts[{n}][{stream!r}] must map data keys to values"
@@ -425,14 +521,26 @@ def _plan_streams(
             if keys is None:
                 check_stream_keys(stream, [check_data_key(key) for key in data])
             keys = streams.setdefault(stream, {})
+            values = event[stream] = {}
             for key, value in data.items():
-                described = describe_value(normalise_value(check_data_key(key), value))
+                values[key] = normalise_value(check_data_key(key), value)
+                described = describe_value(values[key])
                 keys[key] = (
                     merge_data_key(key, keys[key], described, to_file=key in writers)
                     if key in keys
                     else described
                 )
-    return streams
+        events.append(event)
+    for keys in streams.values():
+        for key, data_key in keys.items():
+            spec = writers.get(key)
+            check_storable(key, data_key, to_file=spec is not None, spec=spec and spec.spec)
+    # Every value in the dtype its key settled on (refused if that would change it).
+    for event in events:
+        for stream, values in event.items():
+            for key, value in values.items():
+                values[key] = conform_value(key, value, streams[stream][key])
+    return streams, events
 
 
 def compose_documents(
@@ -462,7 +570,7 @@ def compose_documents(
     data_dicts = list(data_dicts)
     metadata = check_metadata(md)
     writers = resolve_writers(writers_dict, root)
-    planned = _plan_streams(data_dicts, writers)
+    planned, data_dicts = _plan_streams(data_dicts, writers)
     readable = None if readable_roots is None else [os.fspath(r) for r in readable_roots]
     used_roots = {writers[key].root for keys in planned.values() for key in keys if key in writers}
     for used_root in sorted(used_roots):
