@@ -27,6 +27,7 @@ from typing import Any
 from event_model import DocumentNames, schema_validators
 
 from ._errors import ProvenanceError
+from ._recorded_code import recorded_code_fields
 
 __all__ = [
     "CheckedParent",
@@ -302,6 +303,9 @@ def code_record(code: Callable[..., Any] | Mapping[str, Any]) -> dict[str, Any]:
         record.setdefault("version", state[0])
     if "version" not in record and "sha256" in record:
         record["version"] = "sha256:" + record["sha256"]
+    # Code of __main__ (a script, a profile, the prompt) cannot be imported elsewhere: its
+    # definition's source is recorded, so that reproduce never runs the file it came from.
+    record.update(recorded_code_fields(target, record))
     return record
 
 
@@ -393,7 +397,17 @@ def make_provenance(
     if not code_records:
         missing.append("the code that made the data: no code given")
     for record in code_records:
-        if not record["importable"]:
+        if "recorded_code" in record:
+            continue  # reproducible from its recorded source
+        if "source_unavailable" in record or (
+            record["importable"] and record["name"].startswith("__main__:")
+        ):
+            missing.append(
+                f"code {record['name']!r} is defined in __main__ or a module that cannot be "
+                "imported by its name, and its source cannot be recorded "
+                f"({record.get('source_unavailable', 'no source')}): define it in a module"
+            )
+        elif not record["importable"]:
             missing.append(
                 f"code {record['name']!r} cannot be imported again by that name "
                 "(a lambda or a function defined inside another): define it at the top "

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
+import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from ._errors import AnalysisStoreError, ProvenanceError
 from ._provenance import code_record, resolve_code_name, sha256_of_file
+from ._recorded_code import load_definition_from_file, load_recorded_code
 from ._reducers import FunctionReducer, Reducer
 from ._reduction import ReductionPlan, RunReduction
 from ._replay import count_events, replay_run, stop_document, stream_lengths
@@ -25,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 # What must match between the recorded and the importable code for a faithful re-run.
 _IDENTITY_FIELDS = ("version", "commit", "dirty", "sha256")
+# A saved column is read in one piece up to this size, else in blocks of rows of this size.
+_READ_BYTES = 64 << 20
+_TABLE_COLUMNS = frozenset({"seq_num", "time"})
+
+Verdict = Literal["identical", "within tolerance", "differ", "not compared"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,10 @@ class Difference:
 
 @dataclass
 class ReproduceReport:
+    """What :func:`reproduce` found. ``identical``: unchanged code and input files, and every
+    value equal (value, dtype, shape). ``reproduced``: the same, with values equal within
+    the tolerances given."""
+
     child_uid: str
     identical: bool = True
     events_compared: int = 0
@@ -55,35 +66,116 @@ class ReproduceReport:
     file_changes: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     """Runs without a stop document met on the way: the child, or a parent."""
+    values: Verdict = "not compared"
+    """The re-run's values against the saved ones, whatever code ran: ``identical``,
+    ``within tolerance`` (of ``rtol``/``atol``), ``differ`` (see ``difference``), or ``not
+    compared`` (a run with no parents, such as an ingested one: only its files are checked)."""
+    rtol: float = 0.0
+    atol: float = 0.0
+    largest_deviation: str | None = None
+    """Where the values differ most while within tolerance."""
+    code_loaded: list[str] = field(default_factory=list)
+    """Which code ran for each code record: installed, or recorded (and its hash checked)."""
+
+    @property
+    def reproduced(self) -> bool:
+        return (
+            not self.file_changes
+            and not self.code_changes
+            and self.values in ("identical", "within tolerance", "not compared")
+        )
 
     def __str__(self) -> str:
         notes = [f"  incomplete: {note}" for note in self.incomplete]
         if self.identical:
             first = f"child run {self.child_uid} reproduced: {self.events_compared} events"
             return "\n".join([first + " identical", *notes])
+        if self.reproduced:
+            first = (
+                f"child run {self.child_uid} reproduced: {self.events_compared} events "
+                f"{self._verdict()}"
+            )
+            return "\n".join([first, *notes])
         lines = [f"child run {self.child_uid} NOT reproduced", *notes]
         lines += [f"  input file changed: {c}" for c in self.file_changes]
         lines += [f"  code changed: {c}" for c in self.code_changes]
+        if self.values != "not compared":
+            lines.append(f"  values: {self._verdict()}")
         if self.difference is not None:
             lines.append(f"  first difference: {self.difference}")
         return "\n".join(lines)
 
+    def _verdict(self) -> str:
+        if self.values == "within tolerance":
+            deviation = f"; largest: {self.largest_deviation}" if self.largest_deviation else ""
+            return f"within tolerance (rtol={self.rtol:g}, atol={self.atol:g}){deviation}"
+        return self.values
 
-def _load_code(record: Mapping[str, Any]) -> Any:
+
+def _load_code(
+    record: Mapping[str, Any], trust_recorded_code: bool, report: ReproduceReport
+) -> Any:
+    """The code a record names: installed code of the same identity first, then the code
+    recorded with the child (only if trusted, and after its hash is checked), then installed
+    code that changed (named in ``report.code_changes``). Nothing is run from a file that
+    the record names: a script's or a profile's top level never runs again."""
     name = record["name"]
-    module_name, _, qualname = name.partition(":")
-    if module_name == "__main__" and record.get("file"):
-        # Code from a script or an IPython profile: load its file again.
-        spec = importlib.util.spec_from_file_location("_reproduced_main", record["file"])
-        if spec is None or spec.loader is None:
-            raise ProvenanceError(f"cannot load {record['file']!r} to find {name!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        obj: Any = module
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return resolve_code_name(name)
+    module_name = name.partition(":")[0]
+    installed, change = None, None
+    try:
+        installed = resolve_code_name(name)
+    except ProvenanceError:
+        pass
+    if installed is not None:
+        current = code_record(installed)
+        if module_name == "__main__":
+            # ``__main__`` here is this process's: the same definition only by its source.
+            if record.get("source_sha256") and current.get("source_sha256") == record.get(
+                "source_sha256"
+            ):
+                report.code_loaded.append(f"{name}: the same definition in this session")
+                return installed
+            installed = None
+        elif not (change := _code_change(record, current)):
+            report.code_loaded.append(f"{name}: installed, same identity")
+            return installed
+    if "recorded_code" in record or (module_name == "__main__" and record.get("file")):
+        if trust_recorded_code:
+            if "recorded_code" in record:
+                obj = load_recorded_code(record)
+                how = f"recorded source, sha256 {record['source_sha256'][:12]}… checked"
+            else:
+                obj = load_definition_from_file(record)
+                how = f"its definition alone from {record['file']}, sha256 checked"
+            note = f" (installed code differs: {change})" if change else ""
+            report.code_loaded.append(f"{name}: {how}{note}")
+            return obj
+        if installed is None:
+            raise ProvenanceError(_untrusted_message(record))
+    if installed is None:
+        raise ProvenanceError(
+            f"{name} cannot be imported here and no code is recorded for it: install it, or "
+            "pass reducers=[...]"
+        )
+    report.code_changes.append(change or f"{name}: changed")
+    report.code_loaded.append(f"{name}: installed, changed")
+    return installed
+
+
+def _untrusted_message(record: Mapping[str, Any]) -> str:
+    name = record["name"]
+    if "recorded_code" in record:
+        what = (
+            f"its source is recorded with the child run (source sha256 "
+            f"{str(record.get('source_sha256'))[:12]}…)"
+        )
+    else:
+        what = f"it can be taken alone from {record['file']} if that file's sha256 matches"
+    return (
+        f"{name} cannot be imported here (it was defined in a script, an IPython profile or at "
+        f"the prompt); {what}. Read it (bluesky-analysis-store show UID --json), then pass "
+        "trust_recorded_code=True (--trust-recorded-code) to run that definition alone"
+    )
 
 
 def _code_change(record: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
@@ -120,36 +212,73 @@ def _reducer_from(record: Mapping[str, Any], obj: Any) -> Reducer:
     return FunctionReducer(func, record.get("streams", ("primary",)))
 
 
+def _reducer_from(record: Mapping[str, Any], obj: Any) -> Reducer:
+    params = dict(record.get("params", {}))
+    summarised = [k for k, v in params.items() if isinstance(v, Mapping) and "sha256" in v]
+    if summarised:
+        raise ProvenanceError(
+            f"{record['name']} has parameters recorded only as summaries ({summarised}); "
+            "pass reducers=[...] built with the same values"
+        )
+    if isinstance(obj, type) and issubclass(obj, Reducer):
+        return obj(**params)
+    args = params.pop("args", [])
+    func = functools.partial(obj, *args, **params) if (args or params) else obj
+    return FunctionReducer(func, record.get("streams", ("primary",)))
+
+
 def reproduce(
     store: Any,
     child_uid: str,
     source: Any = None,
     *,
     reducers: list[Reducer] | None = None,
-    allow_changed_code: bool = False,
+    trust_recorded_code: bool = False,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    allow_changed_code: bool | None = None,
     progress: bool | None = None,
 ) -> ReproduceReport:
     """Re-run a child run's recorded code on its recorded inputs and compare, value by value.
 
-    The code is imported again by its recorded name; if its version, commit or source hash
-    differs from the record, :class:`ProvenanceError` says how, unless
-    ``allow_changed_code``. Input files are checked against their sha256. Parents are read
-    from ``source`` (a tiled client or :class:`AnalysisStore`; default: ``store``) and
-    replayed through the live pipeline. Arrays are compared exactly (value, dtype, shape).
+    Code is taken, for each code record, from (1) code installed here, importable by its
+    recorded name, of the same identity (version, commit, source hash); else (2) the code
+    recorded with the child (the definition of a reducer made in a script, an IPython
+    profile or at the prompt), only when ``trust_recorded_code`` and after its sha256 is
+    checked; only that definition runs, never the rest of its file; else (3) installed code
+    that changed, which runs and is named in ``code_changes``: the report then says how the
+    values compare all the same. Input files are checked against their sha256. Parents are
+    read from ``source`` (a tiled client or :class:`AnalysisStore`; default: ``store``) and
+    replayed through the live pipeline. Values are compared by dtype and shape, and by value
+    exactly, or within ``rtol``/``atol`` (as :func:`numpy.isclose`) for numbers.
 
     A child without a stop document (interrupted while it was written) is compared as far
     as it goes: a re-run that makes more events than it holds does not reproduce it. A
     parent without one is re-run up to its last saved event. Both are named in the report's
     ``incomplete``.
+
+    ``allow_changed_code`` is deprecated: changed code is always run and compared now
+    (``False`` still refuses it with :class:`ProvenanceError`).
     """
     from tqdm.auto import tqdm
+
+    if allow_changed_code is not None:
+        warnings.warn(
+            "reproduce(allow_changed_code=...) is deprecated: changed code is run and "
+            "compared, and the report names the change",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    for name, tolerance in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)) or tolerance < 0:
+            raise AnalysisStoreError(f"{name} must be a finite number >= 0, not {tolerance!r}")
 
     child = store[child_uid]
     start = child.start
     provenance = start.get("provenance")
     if not provenance:
         raise ProvenanceError(f"run {child_uid} has no provenance record")
-    report = ReproduceReport(child_uid)
+    report = ReproduceReport(child_uid, rtol=float(rtol), atol=float(atol))
     if stop_document(child) is None:
         report.incomplete.append(
             f"child run {child_uid} has no stop document (interrupted?): compared as far as it goes"
@@ -162,31 +291,31 @@ def reproduce(
         elif (digest := sha256_of_file(path)) != record["sha256"]:
             report.file_changes.append(f"{path}: sha256 {record['sha256'][:12]}… -> {digest[:12]}…")
 
+    parents = provenance.get("parents", [])
     code = provenance.get("code", [])
     loaded = []
-    for record in code:
-        if not record.get("importable", True):
-            raise ProvenanceError(f"{record['name']} was recorded as not importable")
-        obj = _load_code(record)
-        change = _code_change(record, code_record(obj))
-        if change:
-            report.code_changes.append(change)
-        loaded.append((record, obj))
-    if report.code_changes and not allow_changed_code:
+    if reducers is None or not parents:
+        for record in code:
+            if not record.get("importable", True) and "recorded_code" not in record:
+                raise ProvenanceError(f"{record['name']} was recorded as not importable")
+            loaded.append((record, _load_code(record, trust_recorded_code, report)))
+    if report.code_changes and allow_changed_code is False:
         raise ProvenanceError(
             "the code differs from the recorded code: "
             + "; ".join(report.code_changes)
             + ". Install the recorded version, or allow the changed code to run anyway."
         )
 
-    parents = provenance.get("parents", [])
     if parents:
         if reducers is None:
             reducers = [_reducer_from(record, obj) for record, obj in loaded]
+        else:
+            report.code_loaded.append("reducers given by the caller: the recorded code not run")
         plan = ReductionPlan.build(reducers, default_format=None, strict=False)
         client = getattr(source if source is not None else store, "client", source)
         if progress is None:
             progress = sys.stderr.isatty()
+        comparison = _Comparison(child, report, rtol=float(rtol), atol=float(atol))
         for parent in parents:
             raw = client[parent["uid"]]
             if stop_document(raw) is None:
@@ -194,23 +323,78 @@ def reproduce(
                     f"parent run {parent['uid']} has no stop document (interrupted?): "
                     "re-run up to its last saved event"
                 )
-            _compare_with_rerun(raw, child, plan, report, progress, tqdm)
+            _rerun(raw, child, plan, comparison, report, progress, tqdm)
+        comparison.check_counts()
+        report.values = comparison.verdict()
     report.identical = (
-        not report.file_changes and report.difference is None and (not report.code_changes)
+        not report.file_changes
+        and not report.code_changes
+        and (report.values in ("identical", "not compared"))
     )
     logger.info("%s", report)
     return report
 
 
+class _SavedStream:
+    """One stream of the saved child, each column read once (in blocks of bounded size when
+    large) and kept for the comparison: not one request per event and key."""
+
+    def __init__(self, node: Any) -> None:
+        self._node = node
+        names = set(node)
+        self.keys = {
+            k
+            for k in names - _TABLE_COLUMNS
+            if not (k.startswith("ts_") and k.removeprefix("ts_") in names)
+        }
+        descriptors = getattr(node, "descriptors", None) or [{}]
+        data_keys = descriptors[0].get("data_keys", {})
+        self._scalars = {k for k in self.keys if data_keys.get(k, {}).get("shape", [None]) == []}
+        self._table: dict[str, np.ndarray] | None = None
+        self._blocks: dict[str, tuple[int, np.ndarray]] = {}
+
+    def value(self, key: str, row: int) -> np.ndarray:
+        if key in self._scalars:
+            table = self._read_table()
+            if key in table:
+                return np.asarray(table[key][row])
+        start, block = self._blocks.get(key, (0, None))
+        if block is None or not start <= row < start + len(block):
+            column = self._node[key]
+            shape = tuple(column.shape)
+            row_bytes = max(1, column.dtype.itemsize * math.prod(shape[1:]))
+            rows = max(1, _READ_BYTES // row_bytes)
+            start = row - row % rows
+            block = np.asarray(column.read() if rows >= shape[0] else column[start : start + rows])
+            self._blocks[key] = (start, block)
+        return np.asarray(block[row - start])
+
+    def _read_table(self) -> dict[str, np.ndarray]:
+        if self._table is None:
+            self._table = {}
+            base = getattr(self._node, "base", None)
+            try:
+                internal = base["internal"] if base is not None and "internal" in base else None
+            except (KeyError, TypeError):
+                internal = None
+            if internal is not None:  # every scalar column of the stream in one request
+                frame = internal.read()
+                self._table = {str(c): frame[c].to_numpy() for c in frame.columns}
+        return self._table
+
+
 class _Comparison:
     """A sink for the re-run's documents that compares each event with the saved child."""
 
-    def __init__(self, child: Any, report: ReproduceReport) -> None:
+    def __init__(self, child: Any, report: ReproduceReport, *, rtol: float, atol: float) -> None:
         self._child = child
         self._report = report
+        self._rtol, self._atol = rtol, atol
         self._streams = set(child)
         self._lengths = stream_lengths(child)
+        self._saved: dict[str, _SavedStream] = {}
         self._descriptor_streams: dict[str, str] = {}
+        self._largest = (0.0, "")
         self.counts: dict[str, int] = {}
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
@@ -231,20 +415,25 @@ class _Comparison:
         rows = self._lengths[stream]
         if seq_num > rows:  # first: an interrupted child's stream may not even have columns
             return self._differ(stream, None, seq_num, f"the saved stream has only {rows} events")
-        saved_stream = self._child[stream]
-        saved_keys = set(saved_stream) - {"seq_num", "time"} - {f"ts_{k}" for k in event["data"]}
-        if saved_keys != set(event["data"]):
+        if stream not in self._saved:
+            self._saved[stream] = _SavedStream(self._child[stream])
+        saved_stream = self._saved[stream]
+        if saved_stream.keys != set(event["data"]):
             return self._differ(
                 stream,
                 None,
                 seq_num,
-                f"keys differ: saved {sorted(saved_keys)}, re-run {sorted(event['data'])}",
+                f"keys differ: saved {sorted(saved_stream.keys)}, re-run {sorted(event['data'])}",
             )
         for key, value in event["data"].items():
-            saved = np.asarray(saved_stream[key][seq_num - 1])
+            saved = saved_stream.value(key, seq_num - 1)
             fresh = np.asarray(value)
-            if detail := _array_difference(saved, fresh):
+            detail, deviation = _array_difference(saved, fresh, self._rtol, self._atol)
+            if detail:
                 return self._differ(stream, key, seq_num, detail)
+            if deviation is not None and deviation[0] > self._largest[0]:
+                where = f"stream {stream!r}, key {key!r}, event seq_num {seq_num}"
+                self._largest = (deviation[0], f"{where}: {deviation[1]}")
         return None
 
     def check_counts(self) -> None:
@@ -257,33 +446,65 @@ class _Comparison:
                 self._differ(stream, None, None, f"saved {saved} events, re-run made {fresh}")
                 return
 
+    def verdict(self) -> Verdict:
+        if self._report.difference is not None:
+            return "differ"
+        if self._largest[1]:
+            self._report.largest_deviation = self._largest[1]
+            return "within tolerance"
+        return "identical"
 
-def _array_difference(saved: np.ndarray, fresh: np.ndarray) -> str | None:
+
+def _array_difference(
+    saved: np.ndarray, fresh: np.ndarray, rtol: float = 0.0, atol: float = 0.0
+) -> tuple[str | None, tuple[float, str] | None]:
+    """``(how they differ or None, (deviation, description) when equal only within the
+    tolerances)``; the deviation is the largest ``|saved - fresh| - rtol * |fresh|``
+    relative to ``atol`` (how close to the tolerance), or the largest absolute difference."""
     if saved.shape != fresh.shape:
-        return f"shape {saved.shape} saved, {fresh.shape} re-run"
-    if saved.dtype.kind in "US" or fresh.dtype.kind in "US":
-        return None if saved.tolist() == fresh.tolist() else f"{saved!r} saved, {fresh!r} re-run"
+        return f"shape {saved.shape} saved, {fresh.shape} re-run", None
+    if saved.dtype.kind in "USO" or fresh.dtype.kind in "USO":
+        same = saved.tolist() == fresh.tolist()
+        return (None if same else f"{saved!r} saved, {fresh!r} re-run"), None
     if saved.dtype != fresh.dtype:
-        return f"dtype {saved.dtype} saved, {fresh.dtype} re-run"
-    if np.array_equal(saved, fresh, equal_nan=saved.dtype.kind in "fc"):
-        return None
+        return f"dtype {saved.dtype} saved, {fresh.dtype} re-run", None
+    floating = saved.dtype.kind in "fc"
+    if np.array_equal(saved, fresh, equal_nan=floating):
+        return None, None
+    numeric = saved.dtype.kind in "iufc"
+    if numeric and (rtol or atol):
+        close = np.isclose(saved, fresh, rtol=rtol, atol=atol, equal_nan=floating)
+        if close.all():
+            gap = np.abs(
+                saved.astype(np.complex128 if saved.dtype.kind == "c" else np.float64) - fresh
+            )
+            largest = float(np.max(gap))
+            return None, (largest, f"|saved - re-run| up to {largest:.3g}")
     if saved.ndim == 0:
-        return f"{saved.item()!r} saved, {fresh.item()!r} re-run"
+        return f"{saved.item()!r} saved, {fresh.item()!r} re-run", None
     same = saved == fresh
-    if saved.dtype.kind in "fc":
+    if floating:
         same |= np.isnan(saved) & np.isnan(fresh)
+    if numeric and (rtol or atol):
+        same = np.isclose(saved, fresh, rtol=rtol, atol=atol, equal_nan=floating)
     unequal = np.argwhere(~same)
     first = tuple(int(i) for i in unequal[0])
+    beyond = " beyond the tolerances" if numeric and (rtol or atol) else ""
     return (
-        f"{len(unequal)} of {saved.size} elements differ; first at index {first}: "
+        f"{len(unequal)} of {saved.size} elements differ{beyond}; first at index {first}: "
         f"{saved[first]!r} saved, {fresh[first]!r} re-run"
-    )
+    ), None
 
 
-def _compare_with_rerun(
-    raw: Any, child: Any, plan: ReductionPlan, report: ReproduceReport, progress: bool, tqdm: Any
+def _rerun(
+    raw: Any,
+    child: Any,
+    plan: ReductionPlan,
+    comparison: _Comparison,
+    report: ReproduceReport,
+    progress: bool,
+    tqdm: Any,
 ) -> None:
-    comparison = _Comparison(child, report)
     reduction = RunReduction(plan, comparison)
     with tqdm(total=count_events(raw), desc="reproduce", unit="event", disable=not progress) as bar:
         for name, doc in replay_run(raw, stand_in=True):
@@ -300,6 +521,5 @@ def _compare_with_rerun(
                 first.get("seq_num"),
                 f"the re-run failed: {first['error']}",
             )
-    comparison.check_counts()
     if report.difference is None and not reduction.done:
         raise AnalysisStoreError("the re-run did not complete")

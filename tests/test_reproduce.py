@@ -8,6 +8,7 @@ the code (in a git checkout of its own) or an ingested input file must be found 
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -18,12 +19,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _live import dark_then_positions  # noqa: E402
+from _offline_reducers import ingest_table  # noqa: E402
 from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
 
-from _live import dark_then_positions  # noqa: E402
-from _offline_reducers import ingest_table  # noqa: E402
-from bluesky_analysis_store import AnalysisStore, ProvenanceError, reproduce  # noqa: E402
+from bluesky_analysis_store import (  # noqa: E402
+    AnalysisStore,
+    AnalysisStoreError,
+    ProvenanceError,
+    Reducer,
+    ReproduceReport,
+    reprocess,
+    reproduce,
+)
 from bluesky_analysis_store._provenance import _git_state  # noqa: E402
 from bluesky_analysis_store.example_reducers import (  # noqa: E402
     DarkSubtracted,
@@ -147,7 +156,12 @@ def code_checkout(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pa
     _git_state.cache_clear()
 
 
-def test_changed_code_is_refused_and_when_allowed_the_difference_is_reported(
+THIRD_VERSION = FIRST_VERSION.replace(
+    'sum(dtype=np.float64))}', 'sum(dtype=np.float64)) * (1 + 1e-12)}'
+)
+
+
+def test_changed_code_runs_and_the_report_names_the_change_and_the_values_verdict(
     RE, store, cam, code_checkout, make_callback
 ):
     first_commit = git(code_checkout, "rev-parse", "HEAD")
@@ -158,26 +172,26 @@ def test_changed_code_is_refused_and_when_allowed_the_difference_is_reported(
     [code] = store[child_uid].start["provenance"]["code"]
     assert code["name"] == f"{GIT_MODULE}:frame_total"
     assert (code["commit"], code["dirty"], code["version"]) == (first_commit, False, first_commit)
-    assert reproduce(store, child_uid, progress=False).identical is True
+    unchanged = reproduce(store, child_uid, rtol=1e-9, progress=False)
+    assert unchanged.values == "identical"
+    assert unchanged.identical is True and unchanged.reproduced is True
+    assert unchanged.code_loaded == [f"{GIT_MODULE}:frame_total: installed, same identity"]
 
-    (code_checkout / f"{GIT_MODULE}.py").write_text(SECOND_VERSION)
-    git(code_checkout, "commit", "-q", "-am", "report kilo-counts")
-    second_commit = git(code_checkout, "rev-parse", "HEAD")
-    assert second_commit != first_commit
-    _git_state.cache_clear()
-    importlib.reload(module)
+    def commit(source: str, message: str) -> str:
+        (code_checkout / f"{GIT_MODULE}.py").write_text(source)
+        git(code_checkout, "commit", "-q", "-am", message)
+        _git_state.cache_clear()
+        importlib.reload(module)
+        return git(code_checkout, "rev-parse", "HEAD")
 
-    with pytest.raises(ProvenanceError) as refused:
-        reproduce(store, child_uid, progress=False)
-    message = str(refused.value)
-    assert f"{GIT_MODULE}:frame_total" in message
-    assert first_commit in message and second_commit in message
-    assert message.index(first_commit) < message.index(second_commit)  # recorded -> current
-
-    report = reproduce(store, child_uid, allow_changed_code=True, progress=False)
-    assert report.identical is False
+    # Kilo-counts: the code changed, and so do the values.
+    second_commit = commit(SECOND_VERSION, "report kilo-counts")
+    report = reproduce(store, child_uid, progress=False)
+    assert (report.identical, report.reproduced, report.values) == (False, False, "differ")
     assert len(report.code_changes) == 1
-    assert first_commit in report.code_changes[0] and second_commit in report.code_changes[0]
+    change = report.code_changes[0]
+    assert f"{GIT_MODULE}:frame_total" in change
+    assert change.index(first_commit) < change.index(second_commit)  # recorded -> current
     assert report.difference is not None
     assert (report.difference.stream, report.difference.key, report.difference.seq_num) == (
         "primary",
@@ -187,6 +201,30 @@ def test_changed_code_is_refused_and_when_allowed_the_difference_is_reported(
     saved_total = float(store[child_uid]["primary"]["total"].read()[0])
     assert repr(saved_total) in report.difference.detail
     assert repr(saved_total / 1000.0) in report.difference.detail
+    shown = str(report)
+    assert f"code changed: {change}" in shown and "values: differ" in shown
+
+    # A change in the last digits: the values differ exactly, not within a tolerance.
+    commit(THIRD_VERSION, "round differently")
+    exact = reproduce(store, child_uid, progress=False)
+    assert exact.values == "differ" and "total" in str(exact.difference)
+    tolerant = reproduce(store, child_uid, rtol=1e-9, progress=False)
+    assert (tolerant.values, tolerant.reproduced, tolerant.difference) == (
+        "within tolerance",
+        False,  # the code still changed
+        None,
+    )
+    assert "key 'total'" in tolerant.largest_deviation
+    assert "code changed:" in str(tolerant)
+    assert "values: within tolerance (rtol=1e-09, atol=0)" in str(tolerant)
+    assert reproduce(store, child_uid, atol=1e-3, progress=False).values == "within tolerance"
+    with pytest.raises(AnalysisStoreError, match="rtol must be"):
+        reproduce(store, child_uid, rtol=-1.0, progress=False)
+
+    # The former refusal is still there for whoever asks for it, with a warning.
+    with pytest.warns(DeprecationWarning, match="allow_changed_code"):
+        with pytest.raises(ProvenanceError, match=first_commit[:12]):
+            reproduce(store, child_uid, allow_changed_code=False, progress=False)
 
 
 # --- 6. an ingested run: its input files are checked --------------------------------------
@@ -215,3 +253,249 @@ def test_an_ingested_run_is_checked_against_its_input_file(store, tmp_path):
     missing = reproduce(store, uid, progress=False)
     assert missing.identical is False
     assert missing.file_changes == [f"{path} is missing"]
+
+
+# --- 7. reducers of __main__: a script, an IPython profile, the prompt ---------------------
+# Each session's top level appends a line to a marker file; reproducing its reducer must
+# leave the marker as it was: only the recorded definition runs, never the file around it.
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+
+    from bluesky_analysis_store import AnalysisStore, reprocess
+
+    with open(sys.argv[3], "a") as marks:
+        marks.write("script ran\\n")
+
+    GAIN = 2.5
+
+
+    def _scaled(value):
+        return GAIN * value
+
+
+    def scaled_total(data):
+        return {"scaled_total": _scaled(float(np.asarray(data["cam"]).sum(dtype=np.float64)))}
+
+
+    store = AnalysisStore.open(sys.argv[1])
+    report = reprocess(store, sys.argv[2], [scaled_total], store, progress=False)
+    print("CHILD", report.saved[sys.argv[2]])
+    """
+)
+
+STARTUP = textwrap.dedent(
+    """
+    import os
+
+    import numpy as np
+
+    from bluesky_analysis_store import AnalysisStore, Reducer, reprocess
+
+    with open(os.environ["MARKS"], "a") as marks:
+        marks.write("profile ran\\n")
+
+
+    def profile_peak(data):
+        return {"peak": float(np.asarray(data["cam"]).max())}
+
+
+    store = AnalysisStore.open(os.environ["STORE"])
+    """
+)
+
+SESSION = """
+with open(os.environ["MARKS"], "a") as marks:
+    marks.write("prompt ran\\n")
+class ColumnProfile(Reducer):
+    scale = 0.5
+    def event(self, stream, data, doc):
+        return {"columns": self.scale * np.asarray(data["cam"], dtype=np.float64).sum(axis=0)}
+raw = os.environ["RAW"]
+for reducer in (profile_peak, ColumnProfile()):
+    print("CHILD", reprocess(store, raw, [reducer], store, progress=False).saved[raw])
+"""
+
+
+def marker_lines(marks: pathlib.Path) -> list[str]:
+    return marks.read_text().splitlines()
+
+
+def run_session(args: list[str], cwd: pathlib.Path, **env: str) -> list[str]:
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line.split()[1] for line in result.stdout.splitlines() if line.startswith("CHILD ")]
+
+
+def assert_needs_trust_then_reproduces(store, child_uid, marks, code_name) -> ReproduceReport:
+    before = marker_lines(marks)
+    with pytest.raises(ProvenanceError, match="trust_recorded_code=True") as refused:
+        reproduce(store, child_uid, progress=False)
+    assert code_name in str(refused.value)
+    report = reproduce(store, child_uid, trust_recorded_code=True, progress=False)
+    assert report.identical is True, str(report)
+    assert report.events_compared == 2
+    assert "recorded source" in report.code_loaded[0] and "checked" in report.code_loaded[0]
+    assert marker_lines(marks) == before  # nothing else of the session ran
+    return report
+
+
+@pytest.mark.slow
+def test_a_script_reducer_is_reproduced_without_running_the_script(
+    RE, store, cam, module_store_folder, tmp_path
+):
+    (raw_uid,) = RE(count([cam], num=2))
+    script, marks = tmp_path / "reduce.py", tmp_path / "marks.txt"
+    script.write_text(SCRIPT)
+    (child_uid,) = run_session(
+        [sys.executable, str(script), str(module_store_folder), raw_uid, str(marks)], tmp_path
+    )
+    assert marker_lines(marks) == ["script ran"]
+    [code] = store[child_uid].start["provenance"]["code"]
+    assert code["name"] == "__main__:scaled_total"
+    assert code["recorded_code"]["constants"] == {"GAIN": "2.5"}
+    assert "store = AnalysisStore" not in "".join(code["recorded_code"]["definitions"])
+
+    assert_needs_trust_then_reproduces(store, child_uid, marks, "__main__:scaled_total")
+    # The script edited afterwards changes nothing: its file is never read again.
+    script.write_text(SCRIPT.replace("GAIN = 2.5", "GAIN = 3.0"))
+    assert reproduce(store, child_uid, trust_recorded_code=True, progress=False).identical
+
+
+@pytest.mark.slow
+def test_profile_and_prompt_reducers_are_reproduced_without_running_the_session(
+    RE, store, cam, module_store_folder, tmp_path
+):
+    (raw_uid,) = RE(count([cam], num=2))
+    profile, marks = tmp_path / "profile", tmp_path / "marks.txt"
+    (profile / "startup").mkdir(parents=True)
+    (profile / "startup" / "00-reduce.py").write_text(STARTUP)
+    ipython = pathlib.Path(sys.executable).with_name("ipython")
+    children = run_session(
+        [str(ipython), f"--profile-dir={profile}", "--no-banner", "-c", SESSION],
+        tmp_path,
+        MARKS=str(marks),
+        STORE=str(module_store_folder),
+        RAW=raw_uid,
+    )
+    assert marker_lines(marks) == ["profile ran", "prompt ran"]
+    from_profile, from_prompt = children
+
+    [code] = store[from_profile].start["provenance"]["code"]
+    assert code["name"] == "__main__:profile_peak"
+    assert code["file"].endswith("00-reduce.py") and code["recorded_code"]["imports"] == {
+        "np": "numpy"
+    }
+    assert_needs_trust_then_reproduces(store, from_profile, marks, "__main__:profile_peak")
+
+    [code] = store[from_prompt].start["provenance"]["code"]
+    assert code["name"] == "__main__:ColumnProfile" and "params" not in code
+    assert code["version"] == "source-sha256:" + code["source_sha256"]
+    assert code["recorded_code"]["definitions"][0].startswith("class ColumnProfile(Reducer):")
+    assert_needs_trust_then_reproduces(store, from_prompt, marks, "__main__:ColumnProfile")
+
+
+# --- 8. a crafted code record: refused, and nothing runs ----------------------------------
+
+
+class ClaimsToBe(Reducer):
+    """A reducer whose code record says it is some other code: how a crafted provenance
+    record gets into a child run made through the real pipeline."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self._record = record
+
+    @property
+    def code(self) -> Any:
+        return self._record
+
+    def event(self, stream: str, data: Any, doc: Any) -> Any:
+        return {"twice": 2.0 * float(np.asarray(data["cam"]).sum(dtype=np.float64))}
+
+
+LEGACY_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+
+    with open({marks!r}, "a") as marks:
+        marks.write("top level ran\\n")
+
+
+    def twice(data):
+        return {{"twice": 2.0 * float(np.asarray(data["cam"]).sum(dtype=np.float64))}}
+    """
+)
+
+
+def crafted_child(store, raw_uid: str, record: dict[str, Any]) -> str:
+    report = reprocess(
+        store, raw_uid, [ClaimsToBe(record)], store, strict=False, force=True, progress=False
+    )
+    return report.saved[raw_uid]
+
+
+def test_crafted_code_records_are_refused_before_anything_runs(RE, store, cam, tmp_path):
+    from bluesky_analysis_store._recorded_code import source_sha256
+
+    (raw_uid,) = RE(count([cam], num=2))
+    marks = tmp_path / "marks.txt"
+    evil = f'def twice(data, _=open({str(marks)!r}, "a").write("ran\\n")):\n    return {{}}\n'
+    recorded = {
+        "format": "python-source/1",
+        "defines": "twice",
+        "definitions": [evil],
+        "imports": {},
+        "constants": {},
+    }
+    wrong_hash = {"name": "__main__:twice", "recorded_code": recorded, "source_sha256": "0" * 64}
+    child_uid = crafted_child(store, raw_uid, wrong_hash)
+    with pytest.raises(ProvenanceError, match="does not match its sha256"):
+        reproduce(store, child_uid, trust_recorded_code=True, progress=False)
+    with pytest.raises(ProvenanceError, match="trust_recorded_code"):
+        reproduce(store, child_uid, progress=False)
+
+    # A matching hash but more than one definition statement: refused as well.
+    smuggled = {**recorded, "definitions": [f"import os\n{evil}"]}
+    child_uid = crafted_child(
+        store,
+        raw_uid,
+        {
+            "name": "__main__:twice",
+            "recorded_code": smuggled,
+            "source_sha256": source_sha256(smuggled),
+        },
+    )
+    with pytest.raises(ProvenanceError, match="other statements than one definition"):
+        reproduce(store, child_uid, trust_recorded_code=True, progress=False)
+
+    # A record that names a script file (as made before source was recorded), with a
+    # sha256 the file does not have: the file is refused unread.
+    script = tmp_path / "legacy.py"
+    script.write_text(LEGACY_SCRIPT.format(marks=str(marks)))
+    legacy = {"name": "__main__:twice", "file": str(script), "sha256": "f" * 64}
+    child_uid = crafted_child(store, raw_uid, legacy)
+    with pytest.raises(ProvenanceError, match="does not match the sha256.*nothing was run"):
+        reproduce(store, child_uid, trust_recorded_code=True, progress=False)
+    assert not marks.exists()
+
+    # With the file's true sha256 its definition is taken alone: the top level never runs.
+    from bluesky_analysis_store._provenance import sha256_of_file
+
+    child_uid = crafted_child(store, raw_uid, {**legacy, "sha256": sha256_of_file(script)})
+    with pytest.raises(ProvenanceError, match="trust_recorded_code"):
+        reproduce(store, child_uid, progress=False)
+    report = reproduce(store, child_uid, trust_recorded_code=True, progress=False)
+    assert report.identical is True, str(report)
+    assert "its definition alone from" in report.code_loaded[0]
+    assert not marks.exists()

@@ -153,9 +153,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     store = open_store(args)
     child_uid = run_uid(find_run(store.client, args.child_uid))
     source = open_source(args, store)
-    report = reproduce(store, child_uid, source, allow_changed_code=args.allow_changed_code)
+    report = reproduce(
+        store,
+        child_uid,
+        source,
+        trust_recorded_code=args.trust_recorded_code,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
     print(report)
-    return EXIT_OK if report.identical else EXIT_FAILED
+    return EXIT_OK if report.reproduced else EXIT_FAILED
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

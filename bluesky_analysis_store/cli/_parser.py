@@ -103,7 +103,8 @@ examples:
     "reproduce": """\
 examples:
   bluesky-analysis-store reproduce 013f38df
-  bluesky-analysis-store reproduce 013f38df --source /data/raw-store --allow-changed-code""",
+  bluesky-analysis-store reproduce 013f38df --source /data/raw-store --rtol 1e-6
+  bluesky-analysis-store reproduce 013f38df --trust-recorded-code""",
     "recover": """\
 examples:
   bluesky-analysis-store recover
@@ -357,9 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="the catalog holding the parent runs (default: the store itself)",
     )
     reproduce.add_argument(
+        "--trust-recorded-code",
+        action="store_true",
+        help="run the code recorded with the child (a reducer defined in a script, a profile "
+        "or at the prompt) after checking its sha256: that definition alone, never the rest "
+        "of its file; read it first with `show CHILD_UID --json`",
+    )
+    reproduce.add_argument(
+        "--rtol",
+        type=float,
+        default=0.0,
+        help="relative tolerance for numbers, as numpy.isclose (default: 0, exact)",
+    )
+    reproduce.add_argument(
+        "--atol",
+        type=float,
+        default=0.0,
+        help="absolute tolerance for numbers, as numpy.isclose (default: 0, exact)",
+    )
+    reproduce.add_argument(
         "--allow-changed-code",
         action="store_true",
-        help="run the code even if its version, commit or source differs from the record",
+        help="deprecated, no effect: changed code is always run, and the report names the "
+        "change and how the values compare",
     )
 
     recover = add(
