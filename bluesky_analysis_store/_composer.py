@@ -57,6 +57,8 @@ RESERVED_START_KEYS = frozenset({"uid", "time", "parent_uids", "provenance"})
 # The catalog keeps metadata as JSON and bluesky-tiled-plugins clips integral numbers to
 # JavaScript's safe integers (truncate_json_overflow): only these are kept exactly.
 _MAX_JSON_INT = 2**53 - 1
+# Deeper metadata is refused: JSON encoders, the schema validator and tiled recurse into it.
+_MAX_METADATA_DEPTH = 64
 
 
 def check_metadata(md: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -124,6 +126,8 @@ def _check_json_exact(value: Any, where: str, seen: set[int]) -> None:
         return
     if id(value) in seen:
         raise MetadataError(f"{where} contains itself")
+    if len(seen) >= _MAX_METADATA_DEPTH:
+        raise MetadataError(f"metadata is nested deeper than {_MAX_METADATA_DEPTH} levels")
     if isinstance(value, Mapping):
         seen = seen | {id(value)}
         for key, item in value.items():

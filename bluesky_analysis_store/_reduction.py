@@ -19,6 +19,7 @@ from typing import Any, Literal
 from event_model import DocumentRouter, unpack_event_page
 
 from ._composer import RunComposer, check_metadata
+from ._data_keys import check_stream_name
 from ._errors import AnalysisStoreError
 from ._filling import EventFiller
 from ._provenance import CheckedParent, make_provenance
@@ -139,6 +140,8 @@ class RunReduction(DocumentRouter):
         self._filler = EventFiller(plan.handlers, plan.root_map, copy_values=copy_inputs)
         self._composer: RunComposer | None = None
         self._stream_names: dict[str, str] = {}
+        # Raw streams whose name cannot name a child stream (e.g. '../x'): their events fail.
+        self._refused_streams: dict[str, AnalysisStoreError] = {}
         self.events_reduced = 0
         self.events_failed = 0
         self.failures: list[dict[str, Any]] = []
@@ -186,6 +189,12 @@ class RunReduction(DocumentRouter):
 
     def descriptor(self, doc: dict[str, Any]) -> None:
         self._stream_names[doc["uid"]] = doc["name"]
+        if doc["name"] not in self._refused_streams:
+            try:  # the child stream takes the raw stream's name: a folder and a catalog node
+                check_stream_name(doc["name"])
+            except AnalysisStoreError as error:
+                self._refused_streams[doc["name"]] = error
+                self._fail(error, "naming the child stream", {"stream": doc["name"]})
         self._filler("descriptor", doc)
         for reducer in self._reducers:
             self._guard(reducer.descriptor, doc, stage=f"{_name(reducer)}.descriptor")
@@ -200,6 +209,9 @@ class RunReduction(DocumentRouter):
             logger.warning("event %s of an unknown stream or run is skipped", doc["uid"])
             return
         where = {"stream": stream, "seq_num": doc["seq_num"], "event_uid": doc["uid"]}
+        if stream in self._refused_streams:
+            self.events_failed += 1  # recorded once, at its descriptor
+            return
         stage = "loading external data"
         try:
             data = self._filler.fill(doc)
