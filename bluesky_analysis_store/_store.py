@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ._composer import compose_documents
-from ._errors import AssetLocationError, RunNotFoundError
+from ._confinement import check_readable
+from ._errors import AnalysisStoreError, RunNotFoundError
 from ._provenance import check_parents, code_identity
 from ._trust import claims_derivation
 
@@ -35,20 +36,23 @@ def default_store_location() -> str:
     return os.environ.get(STORE_ENV) or "analysis-store"
 
 
-def _is_inside(path: str, folders: Iterable[str]) -> bool:
-    real = os.path.realpath(path)
-    return any(
-        os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder)
-        for folder in folders
-    )
-
-
 def _asset_paths(name: str, doc: Mapping[str, Any]) -> list[str]:
+    """The files a stream resource or resource names (the first file, for a template)."""
     if name == "stream_resource":
         parsed = urlparse(doc["uri"])
-        return [unquote(parsed.path)] if parsed.scheme in ("file", "") else []
+        if parsed.scheme not in ("file", ""):
+            return []
+        path = unquote(parsed.path)
+        template = (doc.get("parameters") or {}).get("template")
+        # tiled's consolidators append the rendered template to the URI's path verbatim.
+        return [path, path + template] if isinstance(template, str) else [path]
     if name == "resource":
-        return [os.path.join(doc.get("root", ""), doc["resource_path"])]
+        path = os.path.join(doc.get("root", "") or "", doc["resource_path"])
+        kwargs = doc.get("resource_kwargs") or {}
+        names = [
+            v for k, v in kwargs.items() if k in ("template", "filename") and isinstance(v, str)
+        ]
+        return [path, *(os.path.join(path, name) for name in names)]
     return []
 
 
@@ -65,13 +69,30 @@ def _serialization_registry() -> Any:
 
 
 def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The extra readable folders given now and at earlier opens (kept in store.json)."""
+    """The extra readable folders given now and at earlier opens (kept in store.json).
+
+    Only folders given as ``readable`` by whoever opens the store are added: nothing else
+    (saving, ingesting, reprocessing, the command line) widens what the store may read.
+    """
     config_path = folder / _CONFIG_FILE
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    known = list(config.get("readable", []))
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except (OSError, ValueError) as error:
+        raise AnalysisStoreError(
+            f"cannot read the store's settings {config_path}: {error}"
+        ) from error
+    known = config.get("readable", []) if isinstance(config, dict) else None
+    if not isinstance(known, list) or not all(
+        isinstance(path, str) and os.path.isabs(path) for path in known
+    ):
+        raise AnalysisStoreError(
+            f"{config_path} is damaged: 'readable' must be a list of absolute folder paths"
+        )
+    known = list(known)
     for path in readable:
-        absolute = os.path.abspath(path)
+        absolute = os.path.abspath(os.fspath(path))
         if absolute not in known:
+            logger.info("the store in %s may now also read files under %s", folder, absolute)
             known.append(absolute)
     if known != config.get("readable", []):
         config["readable"] = known
@@ -347,15 +368,13 @@ class AnalysisStore:
         self._writer.close_streams()
 
     def check_asset_location(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Refuse a ``stream_resource`` or ``resource`` whose files, symlinks resolved, are
+        outside the store's readable folders (:class:`AssetLocationError`); without
+        ``readable_roots`` (a server store given none) nothing is checked here."""
         if self.readable_roots is None:
             return
         for path in _asset_paths(name, doc):
-            if not _is_inside(path, self.readable_roots):
-                raise AssetLocationError(
-                    f"{name} {doc.get('uid', '')} points at {path!r}, outside the folders this "
-                    f"store may read ({', '.join(self.readable_roots)}); write derived files "
-                    "under the store's asset folder or open the store with readable=[...]"
-                )
+            check_readable(path, self.readable_roots, what=f"{name} {doc.get('uid', '')}")
 
     def flush(self) -> None:
         """Write rows buffered for open runs, so readers see them now (and end the streams
@@ -380,7 +399,13 @@ class AnalysisStore:
         """
         from ._delivery import save_documents
 
+        if "readable_roots" in kwargs:
+            raise AnalysisStoreError(
+                "save checks files against the store's own readable folders; open the store "
+                "with readable=[...] instead of passing readable_roots"
+            )
         kwargs.setdefault("root", self.asset_root)
+        kwargs["readable_roots"] = self.readable_roots  # refused before any file is written
         kwargs["parents"] = check_parents(self, kwargs.get("parents", ()))
         documents = list(compose_documents(data_dicts, md, writers_dict, **kwargs))
         save_documents(self, documents)

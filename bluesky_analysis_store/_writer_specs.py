@@ -74,7 +74,8 @@ class WriterSpec:
                     path = os.fspath(path)
                 if not isinstance(path, str):
                     raise TypeError("resource_path is not a str")
-                return path, dict(kwargs)
+                # The format's defaults (a dataset, a template) unless the func sets them.
+                return path, {**self.resource_kwargs, **dict(kwargs)}
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise AnalysisStoreError(
                     f"the resource func for {data_key!r} must return a mapping with a str "

@@ -24,6 +24,7 @@ from ._presenting import (
     print_show,
     run_summary,
     show_record,
+    store_header,
     summary_text,
 )
 
@@ -57,7 +58,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         summaries = [run_summary(uid, run) for uid, run in items]
     if args.json:
         print_json(summaries)
-    elif not summaries:
+        return EXIT_OK
+    if not args.children:
+        print(store_header(store))
+    if not summaries:
         print(f"run {parent_uid} has no derived runs" if args.children else "the store is empty")
     else:
         for summary in summaries:

@@ -123,6 +123,14 @@ def run_summary(uid: str, run: Any) -> dict[str, Any]:
     return summary
 
 
+def store_header(store: Any) -> str:
+    """The line ``ls`` starts with: the store, and the only folders it may read files from
+    (its asset folder and the ``readable`` folders its owner gave, kept in store.json)."""
+    roots = store.readable_roots
+    readable = ", ".join(roots) if roots is not None else "not checked here (the server decides)"
+    return f"# store {store.location}; files readable under: {readable}"
+
+
 def summary_text(summary: Mapping[str, Any]) -> str:
     """A :func:`run_summary` as the line ``ls`` prints."""
     if summary["kind"] == "derived":
