@@ -462,3 +462,21 @@ def test_a_damaged_store_json_is_a_clean_error(tmp_path: Path) -> None:
     (folder / "store.json").write_text("{not json")
     with pytest.raises(AnalysisStoreError, match="cannot read"):
         AnalysisStore.open(folder)
+
+
+def test_ingesting_one_file_twice_gives_two_runs_and_leaves_the_first_files_alone(
+    confined_store, tmp_path: Path
+) -> None:
+    from bluesky_analysis_store import ingest
+
+    source = tmp_path / "frames.npy"
+    np.save(source, IMAGE)
+    assets = Path(confined_store.asset_root)
+    first = ingest(source, store=confined_store, writer="HDF5")
+    first_files = {k: v for k, v in snapshot(assets).items() if k.startswith(first)}
+    second = ingest(source, store=confined_store, writer="HDF5")
+    assert first != second
+    assert {k: v for k, v in snapshot(assets).items() if k.startswith(first)} == first_files
+    assert any(k.startswith(second) for k in snapshot(assets))  # a folder of its own
+    for uid in (first, second):
+        assert_same_array(confined_store[uid]["primary"]["image"].read()[0], IMAGE)
