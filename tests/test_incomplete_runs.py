@@ -29,6 +29,7 @@ from ophyd.sim import SynAxis  # noqa: E402
 from _live import DocumentRecorder  # noqa: E402
 from _offline_reducers import scaled_total  # noqa: E402
 from bluesky_analysis_store import AnalysisStore, reprocess, reproduce  # noqa: E402
+from bluesky_analysis_store._delivery import deliver_documents  # noqa: E402
 from bluesky_analysis_store._reduction import ReductionPlan, RunReduction  # noqa: E402
 from bluesky_analysis_store._replay import STAND_IN_REASON, replay_run  # noqa: E402
 from bluesky_analysis_store._store import ChildRun  # noqa: E402
@@ -48,9 +49,9 @@ Documents = list[tuple[str, dict[str, Any]]]
 # --- making runs ----------------------------------------------------------------------------
 
 
-def save_without_stop(store: AnalysisStore, documents: Iterable[tuple[str, dict]], keep: int):
-    """Save a run's documents up to its ``keep``-th event, and never its stop: what a crash
-    after ``keep`` saved events leaves in the catalog."""
+def up_to(documents: Iterable[tuple[str, dict]], keep: int) -> Documents:
+    """A run's documents up to its ``keep``-th event, and never its stop."""
+    kept: Documents = []
     events = 0
     for name, doc in documents:
         if name == "stop":
@@ -59,8 +60,22 @@ def save_without_stop(store: AnalysisStore, documents: Iterable[tuple[str, dict]
             if events == keep:
                 break
             events += 1
+        kept.append((name, doc))
+    return kept
+
+
+def save_without_stop(store: AnalysisStore, documents: Iterable[tuple[str, dict]], keep: int):
+    """Save a raw run's documents up to its ``keep``-th event, and never its stop: what a
+    crash after ``keep`` saved events leaves in the catalog."""
+    for name, doc in up_to(documents, keep):
         store(name, doc)
     store.flush()
+
+
+def deliver_without_stop(store: AnalysisStore, documents: Documents, keep: int) -> None:
+    """A child run's documents up to its ``keep``-th event, delivered by the package's own
+    write path (sealed, so children() lists it) and never stopped: what a crash leaves."""
+    deliver_documents(store, up_to(documents, keep))
 
 
 def reduced(
@@ -99,9 +114,8 @@ def recovery_stop(stop: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_all(store: AnalysisStore, documents: Documents) -> str:
-    for name, doc in documents:
-        store(name, doc)
-    store.flush()
+    """A child run delivered whole by the package's own write path."""
+    deliver_documents(store, documents)
     return documents[0][1]["uid"]
 
 
@@ -131,7 +145,7 @@ def runs(store: AnalysisStore, RE_module, cam_module) -> dict[str, str]:
     reducers = [scaled_total]
     # A child killed after 2 of its 5 events: its stop never reached the store.
     documents = reduced(store, made["raw_child_incomplete"], reducers)
-    save_without_stop(store, documents, KEPT)
+    deliver_without_stop(store, documents, KEPT)
     made["child_incomplete"] = documents[0][1]["uid"]
     # A child closed later by a recovery tool: exit status "fail", why, and no failure count.
     made["child_failed"] = save_all(
@@ -143,7 +157,7 @@ def runs(store: AnalysisStore, RE_module, cam_module) -> dict[str, str]:
     )
     # An incomplete child beside a complete, successful one.
     documents = reduced(store, made["raw_child_ok"], reducers)
-    save_without_stop(store, documents, KEPT)
+    deliver_without_stop(store, documents, KEPT)
     made["child_ok_incomplete"] = documents[0][1]["uid"]
     made["child_ok"] = save_all(store, reduced(store, made["raw_child_ok"], reducers))
     return made
@@ -246,8 +260,14 @@ def test_an_incomplete_or_failed_child_does_not_block_reprocess(
 
     report = reprocess(store, raw_uid, [reducer], store, progress=False)
 
-    assert report.skipped == {} and report.failed == {}
-    new_uid = report.saved[raw_uid]
+    assert report.skipped == {}
+    if kind == "child_all_failed":  # the new child fails on every event again: a failure
+        new_uid = report.failed_children[raw_uid]
+        assert report.saved == {}
+        assert f"every event failed ({EVENTS};" in report.failed[raw_uid]
+    else:
+        assert report.failed == {}
+        new_uid = report.saved[raw_uid]
     assert report.not_counted == {raw_uid: {earlier: status}}
     assert f"earlier child {earlier} of {raw_uid} is {status}: not counted" in str(report)
     assert store.children(raw_uid)[:2] == [new_uid, earlier]

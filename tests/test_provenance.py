@@ -323,3 +323,64 @@ def test_provenance_reaches_the_start_document(tmp_path: Path) -> None:
     assert [c["distribution"] for c in provenance["code"]] == ["numpy", "tifffile"]
     assert provenance["files"][0]["sha256"] == sha256(raw)
     assert provenance["strict"] is True
+
+
+# --- the worker process records the code it loaded ----------------------------------------
+
+WORKER_REDUCER_V1 = '''
+def total(data):
+    return {"total": float(data["det"])}
+'''
+WORKER_REDUCER_V2 = WORKER_REDUCER_V1.replace('float(data["det"])', '2 * float(data["det"])')
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_records_the_code_it_loaded(
+    RE, store, make_callback, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog  # noqa: N803
+) -> None:
+    """A reducer from a module is pickled by reference: a new worker imports the module
+    again, edited meanwhile, and its child runs must name that code, not the old one."""
+    import os
+    import signal
+    import time
+
+    from bluesky.plans import count
+    from ophyd.sim import det
+
+    folder = tmp_path / "reducers"
+    folder.mkdir()
+    name = f"bas_worker_reducers_{uuid.uuid4().hex[:12]}"
+    path = folder / f"{name}.py"
+    path.write_text(WORKER_REDUCER_V1)
+    monkeypatch.syspath_prepend(str(folder))
+    module = importlib.import_module(name)
+    try:
+        callback = make_callback([module.total])  # a worker process (the default)
+        callback.subscribe(RE)
+        (first_raw,) = RE(count([det], num=2))
+        first_pid = callback.worker_pid
+
+        path.write_text(WORKER_REDUCER_V2)  # edited while the callback runs
+        os.kill(first_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while callback.worker_pid == first_pid:
+            assert time.monotonic() < deadline, "no new worker process after 60 s"
+            time.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="bluesky_analysis_store"):
+            (second_raw,) = RE(count([det], num=2))
+    finally:
+        sys.modules.pop(name, None)
+
+    [first_child] = store.children(first_raw)
+    [second_child] = store.children(second_raw)
+    [first_code] = store[first_child].start["provenance"]["code"]
+    [second_code] = store[second_child].start["provenance"]["code"]
+    v1_sha = hashlib.sha256(WORKER_REDUCER_V1.encode()).hexdigest()
+    v2_sha = hashlib.sha256(WORKER_REDUCER_V2.encode()).hexdigest()
+    assert first_code["sha256"] == v1_sha and first_code["version"] == "sha256:" + v1_sha
+    assert second_code["sha256"] == v2_sha and second_code["version"] == "sha256:" + v2_sha
+    # The code recorded is the code that ran: the edited reducer doubles (det is constant).
+    first_totals = store[first_child]["primary"]["total"].read()
+    second_totals = store[second_child]["primary"]["total"].read()
+    np.testing.assert_allclose(np.asarray(second_totals), 2 * np.asarray(first_totals))
+    assert "is not the code the callback was made with" in caplog.text

@@ -259,3 +259,185 @@ def test_progress_bars_go_to_stderr_only_when_asked(RE, store, cam, capfd):
     assert set(report.saved) == set(raw_uids)
     assert captured.err == ""
     assert captured.out == ""
+
+
+# --- 5. code identity: an edit, committed or not, is other code ------------------------------
+
+REDUCER_V1 = '''
+import numpy as np
+
+
+def total(data):
+    return {"total": float(np.asarray(data["cam"]).sum(dtype=np.float64))}
+
+
+def from_total(data):
+    return {"half": data["total"] / 2}
+
+
+def broken(data):
+    raise ValueError("broken on purpose")
+'''
+REDUCER_V2 = REDUCER_V1.replace('{"total": float(', '{"total": 2 * float(')
+
+
+def git(folder: pathlib.Path, *args: str) -> str:
+    import subprocess
+
+    result = subprocess.run(
+        ["git", "-C", str(folder), "-c", "user.name=Test", "-c", "user.email=test@example.org",
+         *args],
+        capture_output=True, text=True, check=True,
+    )
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def reducer_checkout(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
+    """A reducer module committed in a git checkout of its own, importable from sys.path."""
+    import importlib
+    import uuid
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    name = f"bas_git_reducers_{uuid.uuid4().hex[:12]}"
+    path = repo / f"{name}.py"
+    path.write_text(REDUCER_V1)
+    git(repo, "add", path.name)
+    git(repo, "commit", "-q", "-m", "v1")
+    monkeypatch.syspath_prepend(str(repo))
+    module = importlib.import_module(name)
+    yield repo, path, module
+    sys.modules.pop(name, None)
+
+
+def code_of(store: AnalysisStore, child_uid: str) -> dict[str, Any]:
+    [code] = store[child_uid].start["provenance"]["code"]
+    return code
+
+
+def test_an_edit_without_and_with_a_commit_reduces_again(RE, store, cam, reducer_checkout):
+    import hashlib
+    import importlib
+
+    repo, path, module = reducer_checkout
+    (raw_uid,) = RE(count([cam], num=3))
+    frames = np.asarray(store[raw_uid]["primary"]["cam"].read(), dtype=np.float64)
+    sums = frames.sum(axis=(1, 2))
+    first_commit = git(repo, "rev-parse", "HEAD")
+
+    first = reprocess(store, raw_uid, [module.total], store, progress=False).saved[raw_uid]
+    assert (code_of(store, first)["commit"], code_of(store, first)["dirty"]) == (
+        first_commit, False
+    )
+    assert reprocess(store, raw_uid, [module.total], store, progress=False).skipped == {
+        raw_uid: first
+    }
+
+    # Edited, not committed (and reloaded, as %autoreload does): other code.
+    path.write_text(REDUCER_V2)
+    importlib.reload(module)
+    edited = reprocess(store, raw_uid, [module.total], store, progress=False)
+    assert edited.skipped == {}
+    dirty_uid = edited.saved[raw_uid]
+    dirty_code = code_of(store, dirty_uid)
+    assert (dirty_code["commit"], dirty_code["dirty"]) == (first_commit, True)
+    assert dirty_code["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert dirty_code["sha256"] != code_of(store, first)["sha256"]
+    np.testing.assert_array_equal(store[dirty_uid]["primary"]["total"].read(), 2 * sums)
+
+    # The same edit, now committed: the same file, but a commit of its own.
+    git(repo, "commit", "-q", "-am", "v2")
+    second_commit = git(repo, "rev-parse", "HEAD")
+    committed = reprocess(store, raw_uid, [module.total], store, progress=False)
+    assert committed.skipped == {}
+    committed_uid = committed.saved[raw_uid]
+    assert (code_of(store, committed_uid)["commit"], code_of(store, committed_uid)["dirty"]) == (
+        second_commit, False
+    )
+    assert code_of(store, committed_uid)["sha256"] == dirty_code["sha256"]
+    assert reprocess(store, raw_uid, [module.total], store, progress=False).skipped == {
+        raw_uid: committed_uid
+    }
+    assert store.children(raw_uid) == [committed_uid, dirty_uid, first]
+
+
+# --- 6. what never counts, and what is refused ------------------------------------------------
+
+
+def test_a_hand_made_child_claiming_the_same_code_does_not_block(RE, store, cam, reducer_checkout):
+    import uuid
+
+    from bluesky_analysis_store._reduction import ReductionPlan
+
+    _, _, module = reducer_checkout
+    (raw_uid,) = RE(count([cam], num=2))
+    plan = ReductionPlan.for_store([module.total], store)
+    start = {"uid": str(uuid.uuid4()), "time": 1.0, "parent_uids": [raw_uid],
+             "provenance": {"parents": [{"uid": raw_uid}], "code": plan.code}}
+    store("start", start)
+    store("stop", {"uid": str(uuid.uuid4()), "time": 2.0, "run_start": start["uid"],
+                   "exit_status": "success", "num_events": {}})
+    store.flush()
+
+    report = reprocess(store, raw_uid, [module.total], store, progress=False)
+    assert report.skipped == {} and list(report.saved) == [raw_uid]
+    assert store.children(raw_uid) == [report.saved[raw_uid]]
+
+
+def test_an_all_failed_child_is_reported_as_failed(RE, store, cam, reducer_checkout, capsys):
+    from bluesky_analysis_store.cli import main
+
+    _, _, module = reducer_checkout
+    (raw_uid,) = RE(count([cam], num=3))
+
+    report = reprocess(store, raw_uid, [module.broken], store, progress=False)
+    assert report.saved == {}
+    child_uid = report.failed_children[raw_uid]
+    assert "every event failed (3; first: ValueError: broken on purpose)" in report.failed[raw_uid]
+    assert "1 failed" in str(report)
+    # Saved all the same: its stop says what failed, and it never counts as reduced.
+    assert store[child_uid].stop["reduction"]["events_failed"] == 3
+    [child] = store.children(raw_uid)
+    assert child == child_uid and child.all_failed and not child.succeeded
+
+    capsys.readouterr()
+    status = main(["--store", str(store.location), "reprocess", raw_uid,
+                   "--reducer", f"{module.__name__}:broken"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"FAILED {raw_uid}: every event failed" in out
+    assert len(store.children(raw_uid)) == 2  # tried again: the failed one did not count
+
+
+def test_a_derived_run_is_refused_as_raw_unless_asked(RE, store, cam, reducer_checkout, capsys):
+    from bluesky_analysis_store.cli import main
+
+    _, _, module = reducer_checkout
+    (raw_uid,) = RE(count([cam], num=2))
+    child_uid = reprocess(store, raw_uid, [module.total], store, progress=False).saved[raw_uid]
+    runs = len(store)
+
+    refused = reprocess(store, child_uid, [module.from_total], store, progress=False)
+    assert refused.saved == {} and "is a derived run" in refused.failed[child_uid]
+    assert "derived=True" in refused.failed[child_uid]
+    capsys.readouterr()
+    status = main(["--store", str(store.location), "reprocess", child_uid,
+                   "--reducer", f"{module.__name__}:from_total"])
+    assert status == 1 and "is a derived run" in capsys.readouterr().out
+    assert len(store) == runs  # nothing was saved
+
+    allowed = reprocess(store, child_uid, [module.from_total], store, progress=False,
+                        derived=True)
+    grandchild = allowed.saved[child_uid]
+    assert store[grandchild].start["parent_uids"] == [child_uid]
+    assert store.children(child_uid) == [grandchild]
+    np.testing.assert_array_equal(
+        store[grandchild]["primary"]["half"].read(),
+        np.asarray(store[child_uid]["primary"]["total"].read()) / 2,
+    )
+    capsys.readouterr()
+    status = main(["--store", str(store.location), "reprocess", child_uid, "--derived",
+                   "--force", "--reducer", f"{module.__name__}:from_total"])
+    assert status == 0 and len(store.children(child_uid)) == 2
