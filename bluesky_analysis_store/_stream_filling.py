@@ -27,7 +27,7 @@ import copy
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -144,19 +144,20 @@ class _Pending:
     error: Exception | None = None
 
 
-@dataclass
 class StreamFiller:
     """Feed it a run's descriptors, stream resources and stream datums; :meth:`pop_values`
     loads an event's external values."""
 
-    root_map: Mapping[str, str] = field(default_factory=dict)
-    _descriptors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _first_descriptor: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _resources: dict[str, _Resource] = field(default_factory=dict)
-    _arrays: dict[tuple[str, str], _Array] = field(default_factory=dict)
-    _array_of_resource: dict[str, _Array] = field(default_factory=dict)
-    # (descriptor uid, seq_num) -> {data key: where its value is}
-    _pending: dict[tuple[str, int], dict[str, _Pending]] = field(default_factory=dict)
+    def __init__(self, root_map: Mapping[str, str] | None = None) -> None:
+        self.root_map = dict(root_map or {})
+        self._descriptors: dict[str, dict[str, Any]] = {}
+        self._first_descriptor: dict[str, dict[str, Any]] = {}
+        self._resources: dict[str, _Resource] = {}
+        # One array per (stream name, data key), as TiledWriter makes one node of each.
+        self._arrays: dict[tuple[str, str], _Array] = {}
+        self._array_of_resource: dict[str, _Array] = {}
+        # (descriptor uid, seq_num) -> {data key: where its value is}
+        self._pending: dict[tuple[str, int], dict[str, _Pending]] = {}
 
     def descriptor(self, doc: Mapping[str, Any]) -> None:
         self._descriptors[doc["uid"]] = dict(doc)
@@ -181,16 +182,14 @@ class StreamFiller:
     def stream_datum(self, doc: Mapping[str, Any]) -> None:
         seq_nums = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
         try:
-            array = self._consume(doc)
+            array, first_row = self._consume(doc)
         except Exception as error:
-            what = f"stream_datum {doc.get('uid')!r}"
-            failed = _Pending(None, error=_as_store_error(error, what))
+            failed = _Pending(
+                None, error=_as_store_error(error, f"stream_datum {doc.get('uid')!r}")
+            )
             for seq_num in seq_nums:
-                self._pending.setdefault((doc["descriptor"], seq_num), {})[self._data_key(doc)] = (
-                    failed
-                )
+                self._expect(doc["descriptor"], seq_num, self._data_key(doc), failed)
             return
-        array, first_row = array
         indices = doc["indices"]["stop"] - doc["indices"]["start"]
         if len(seq_nums) not in (0, indices):
             logger.warning(
@@ -201,9 +200,11 @@ class StreamFiller:
             )
             return
         for offset, seq_num in enumerate(seq_nums):
-            self._pending.setdefault((doc["descriptor"], seq_num), {})[
-                array.consolidator.data_key
-            ] = _Pending(array, first_row + offset)
+            where = _Pending(array, first_row + offset)
+            self._expect(doc["descriptor"], seq_num, array.consolidator.data_key, where)
+
+    def _expect(self, descriptor: str, seq_num: int, data_key: str, where: _Pending) -> None:
+        self._pending.setdefault((descriptor, seq_num), {})[data_key] = where
 
     def pop_values(self, descriptor: str, seq_num: int) -> dict[str, Any]:
         """The event's external values, by data key (raises for a value that cannot be read)."""

@@ -673,3 +673,34 @@ def test_the_upstream_members_the_stream_filler_relies_on():
     ):
         assert callable(getattr(consolidators.ConsolidatorBase, member)), member
     assert {"offset", "shape"} <= {f.name for f in dataclasses.fields(consolidators.Patch)}
+
+
+def det_total(data: Any) -> dict:
+    """A reducer of ``det`` (top level: the provenance check imports it again)."""
+    return {"total": int(np.asarray(data["det"]).sum())}
+
+
+def test_a_refused_resource_fails_its_events_and_the_reduction_goes_on(tmp_path, shared_store):
+    from bluesky_analysis_store import AnalysisStoreCallback
+
+    secret = outside_file(tmp_path)
+    det = tmp_path / "det"
+    det.mkdir()
+    (det / "scan.h5").symlink_to(secret)
+    documents = stream_run(
+        [("application/x-hdf5", uri(det / "scan.h5"), {"dataset": "/entry/data/data"}, [(0, 2)])],
+        shape=list(FRAME),
+    )
+    callback = AnalysisStoreCallback(det_total, shared_store, background=False)
+    try:
+        for name, doc in documents:
+            callback(name, doc)
+    finally:
+        callback.close(timeout=60)
+
+    [child_uid] = shared_store.children(documents[0][1]["uid"])
+    reduction = shared_store[str(child_uid)].stop["reduction"]
+    assert reduction["events_reduced"] == 0
+    assert reduction["events_failed"] == 2
+    assert {f["stage"] for f in reduction["failures"]} == {"loading external data"}
+    assert all(f["error"].startswith("AssetLocationError") for f in reduction["failures"])
