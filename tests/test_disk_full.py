@@ -65,7 +65,7 @@ def test_catalog_disk_full_during_a_scan_then_space_returns(
     folder = small_disk / f"store-{background}"
     store = AnalysisStore.open(folder, readable=[tmp_path])
     earlier = store.save(
-        [{"primary": {"x": 1.0}}], {"purpose": "saved before"}, parents=["raw"], code=fill,
+        [{"primary": {"x": 1.0}}], {"purpose": "saved before"}, parents=[{"uid": "raw", "time": 0.0}], code=fill,
         strict=False,
     )  # fmt: skip
     # The derived files go to another disk: this is about the catalog's.

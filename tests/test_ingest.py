@@ -207,7 +207,7 @@ def test_csv_table(store: AnalysisStore, reopened: AnalysisStore, tmp_path: Path
         writer.writerow(["LaB6 std", "-3", "", "0.5", "30", "2023_02"])
         writer.writerow(["", "7", "2e3", "1", "31.25", "17"])
 
-    uid = ingest(path, {"operator": "ada"}, store, parents=["raw-run-uid"])
+    uid = ingest(path, {"operator": "ada"}, store, parents=[{"uid": "raw-run-uid", "time": 0.0}])
 
     run = reopened[uid]
     assert run.start["operator"] == "ada"

@@ -87,10 +87,10 @@ def test_save_uses_the_asset_root_by_default(server: TiledServer, store: Analysi
 
 def test_children_and_missing_runs(server: TiledServer, store: AnalysisStore) -> None:
     parent = str(uuid.uuid4())
-    first = store.save([{"primary": {"x": 1.0}}], {}, parents=[parent], code=np.mean)
+    first = store.save([{"primary": {"x": 1.0}}], {}, parents=[{"uid": parent, "time": 0.0}], code=np.mean)
     time.sleep(0.01)
-    second = store.save([{"primary": {"x": 2.0}}], {}, parents=[parent], code=np.mean)
-    store.save([{"primary": {"x": 3.0}}], {}, parents=[parent + "0"], code=np.mean)
+    second = store.save([{"primary": {"x": 2.0}}], {}, parents=[{"uid": parent, "time": 0.0}], code=np.mean)
+    store.save([{"primary": {"x": 3.0}}], {}, parents=[{"uid": parent + "0", "time": 0.0}], code=np.mean)
     assert fresh_reader(server).children(parent) == [second, first]
     missing = str(uuid.uuid4())
     with pytest.raises(RunNotFoundError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _helpers import (
+    PARENT_UID,
     PROVENANCE,
     assert_same_array,
     count_names,
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("isolated_env")
 
 def save_child(store: AnalysisStore, parent_uid: str, value: float) -> str:
     return store.save([{"primary": {"value": value}}], {"purpose": "children"},
-                      parents=[parent_uid], code=np.mean)
+                      parents=[{"uid": parent_uid, "time": 0.0}], code=np.mean)
 
 
 # --- opening ------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_save_returns_the_uid_of_a_complete_run(
     assert list(run["primary"]["label"].read()) == ["p0", "p1", "p2"]
     np.testing.assert_array_equal(run["baseline"]["temperature"].read(), [293.5])
     assert run.start["sample"] == "Si" and run.start["nested"] == {"a": [1, 2]}
-    assert run.start["parent_uids"] == PROVENANCE["parents"]
+    assert run.start["parent_uids"] == [PARENT_UID]
     assert run.start["provenance"]["code"][0]["distribution"] == "numpy"
     assert run.stop["num_events"] == {"primary": 3, "baseline": 1}
     assert run.stop["exit_status"] == "success"
@@ -197,7 +198,9 @@ def test_a_run_can_be_the_parent(shared_store: AnalysisStore) -> None:
     parent = save_child(shared_store, str(uuid.uuid4()), 1.0)
     parent_uids, provenance = make_provenance(parents=shared_store[parent], code=np.mean)
     assert parent_uids == [parent]
-    assert provenance["parents"] == [{"uid": parent, "streams": ["primary"]}]
+    assert provenance["parents"] == [
+        {"uid": parent, "streams": ["primary"], "verified": True, "verified_by": "run client"}
+    ]
     child = shared_store.save([{"primary": {"y": 1}}], {}, parents=shared_store[parent],
                               code=np.mean)
     assert shared_store.children(parent) == [child]
