@@ -18,6 +18,7 @@ __all__ = [
     "check_handler_path",
     "check_readable",
     "confined_path",
+    "has_parent_component",
     "is_inside",
 ]
 
@@ -36,7 +37,7 @@ def is_inside(path: str | os.PathLike[str], folders: Iterable[str | os.PathLike[
     return False
 
 
-def _has_parent_component(path: str) -> bool:
+def has_parent_component(path: str) -> bool:
     separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     parts = [path]
     for separator in separators:
@@ -67,7 +68,7 @@ def confined_path(root: str | os.PathLike[str], resource_path: object, *, what: 
         raise AssetLocationError(
             f"{what} {text!r} is absolute; it must be relative to its root {root!r}"
         )
-    if _has_parent_component(text):
+    if has_parent_component(text):
         raise AssetLocationError(
             f"{what} {text!r} has a '..' component; it must stay under {root!r}"
         )
@@ -103,7 +104,7 @@ def check_handler_path(path: object, roots: Iterable[str | os.PathLike[str]] | N
     ``resource_path`` replaces the root in the join) or a symlink out of them is refused.
     """
     text = _checked_text(path, "the handler's path")
-    if _has_parent_component(text):
+    if has_parent_component(text):
         raise AssetLocationError(
             f"the handler's path {text!r} has a '..' component: its resource path climbs out "
             "of its root"

@@ -218,9 +218,6 @@ def _git_state(folder: str) -> tuple[str, bool] | None:
     return commit, bool(changes)
 
 
-# Callers of the former per-session cache cleared it; there is none left to clear.
-_git_state.cache_clear = lambda: None  # type: ignore[attr-defined]
-
 
 def _git_tracks(path: str) -> bool:
     """Whether git tracks ``path``: a file merely inside a checkout (an installed package in a

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
+from ._confinement import has_parent_component, is_inside
 from ._errors import AssetLocationError
 
 __all__ = [
@@ -34,16 +35,6 @@ __all__ = [
     "map_stream_uri",
     "stream_uri_root",
 ]
-
-
-def _has_parent_segment(path: str) -> bool:
-    return ".." in path.replace(os.sep, "/").split("/")
-
-
-def _inside(path: str, root: str) -> bool:
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return os.path.commonpath([real, real_root]) == real_root
 
 
 def _file_path(uri: str) -> str:
@@ -81,7 +72,7 @@ def check_stream_paths(uris: Iterable[str], roots: Sequence[str], *, what: str) 
     one of ``roots``."""
     for uri in uris:
         path = _file_path(uri)
-        if _has_parent_segment(path) or not any(_inside(path, root) for root in roots):
+        if has_parent_component(path) or not is_inside(path, roots):
             raise AssetLocationError(
                 f"{what}: {uri!r} leaves its root ({', '.join(roots)}); refusing to read it"
             )
@@ -96,13 +87,13 @@ def check_legacy_resource(resource: Mapping[str, Any], root_map: Mapping[str, st
     what = f"resource {resource.get('uid')!r}"
     # Handlers derive file names from these too (a template, a file name): no way up.
     for name, value in (resource.get("resource_kwargs") or {}).items():
-        if isinstance(value, str) and _has_parent_segment(value):
+        if isinstance(value, str) and has_parent_component(value):
             raise AssetLocationError(f"{what}: resource_kwargs {name!r}={value!r} names '..'")
-    if _has_parent_segment(resource_path):
+    if has_parent_component(resource_path):
         raise AssetLocationError(f"{what}: resource_path {resource_path!r} names '..'")
     if not root:
         return
-    if not _inside(os.path.join(root, resource_path), root):
+    if not is_inside(os.path.join(root, resource_path), [root]):
         raise AssetLocationError(
             f"{what}: {os.path.join(root, resource_path)!r} resolves outside its root {root!r}"
         )

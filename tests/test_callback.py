@@ -114,7 +114,7 @@ def test_count_child_run_has_provenance_values_and_links(RE, hw, store, make_cal
     start = child.start
     assert start["parent_uids"] == [raw_uid]
     provenance = start["provenance"]
-    assert provenance["parents"] == [{"uid": raw_uid}]
+    assert provenance["parents"] == [{"uid": raw_uid, "verified": True, "verified_by": "start document"}]
     assert provenance["strict"] is True
     [code] = provenance["code"]
     assert code["name"] == "_reducers_for_tests:scaled"

@@ -33,7 +33,6 @@ from bluesky_analysis_store import (  # noqa: E402
     reprocess,
     reproduce,
 )
-from bluesky_analysis_store._provenance import _git_state  # noqa: E402
 from bluesky_analysis_store.example_reducers import (  # noqa: E402
     DarkSubtracted,
     normalise_and_sum,
@@ -150,10 +149,8 @@ def code_checkout(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pa
     git(folder, "commit", "-q", "-m", "first version")
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    _git_state.cache_clear()
     yield folder
     sys.modules.pop(GIT_MODULE, None)
-    _git_state.cache_clear()
 
 
 THIRD_VERSION = FIRST_VERSION.replace(
@@ -180,7 +177,6 @@ def test_changed_code_runs_and_the_report_names_the_change_and_the_values_verdic
     def commit(source: str, message: str) -> str:
         (code_checkout / f"{GIT_MODULE}.py").write_text(source)
         git(code_checkout, "commit", "-q", "-am", message)
-        _git_state.cache_clear()
         importlib.reload(module)
         return git(code_checkout, "rev-parse", "HEAD")
 

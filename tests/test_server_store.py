@@ -73,7 +73,7 @@ def test_save_and_read_back_through_the_server(
         assert_same_array(run["primary"][key].read(), np.stack(frames[key]))
     np.testing.assert_array_equal(run["primary"]["n"].read(), [0, 1, 2])
     assert run.start["server"] is True
-    assert run.start["parent_uids"] == PROVENANCE["parents"]
+    assert run.start["parent_uids"] == [p["uid"] for p in PROVENANCE["parents"]]
     assert run.stop["num_events"] == {"primary": 3}
 
 
