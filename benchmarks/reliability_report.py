@@ -57,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ROOT / "docs" / "reliability.md"))
     parser.add_argument(
-        "--save-cases", type=int, default=1000,
+        "--save-cases", type=int, default=10_000,
         help="cases of the store.save property (compose always runs 10,000)",
     )
     args = parser.parse_args()
@@ -153,8 +153,9 @@ def run_properties(save_cases: int) -> tuple[list[dict], str, int]:
             "BAS_SAVE_CASES": str(save_cases),
         }
         result = subprocess.run(
+            # One property per core: the store.save one takes most of an hour alone.
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-             "no:randomly", "--timeout=0", *PROPERTIES],
+             "no:randomly", "--timeout=0", "-n", "2", "--dist", "load", *PROPERTIES],
             cwd=ROOT, env=env, capture_output=True, text=True,
         )  # fmt: skip
         outcomes = [json.loads(line) for line in record.read_text().splitlines()] if (
