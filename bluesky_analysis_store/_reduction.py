@@ -19,6 +19,7 @@ from typing import Any, Literal
 from event_model import DocumentRouter, unpack_event_page
 
 from ._composer import RunComposer, check_metadata
+from ._confinement import check_readable
 from ._data_keys import check_stream_name
 from ._errors import AnalysisStoreError
 from ._filling import EventFiller
@@ -76,11 +77,18 @@ class ReductionPlan:
         if callable(reducers) or isinstance(reducers, Reducer):
             reducers = [reducers]
         streams = tuple(streams)
-        return cls.build(
+        plan = cls.build(
             [as_reducer(r, streams) for r in reducers],
             root=root if root is not None else getattr(store, "asset_root", None),
             **options,
         )
+        # Every file a writer makes stays under its root (``confined_path``), so a root the
+        # store may read means files it may read: refused now, not after the first frame.
+        if (readable := getattr(store, "readable_roots", None)) is not None:
+            specs = [*plan.writers.values(), *filter(None, [plan.array_writer])]
+            for root_folder in sorted({spec.root for spec in specs}):
+                check_readable(root_folder, readable, what="the writer root")
+        return plan
 
     @classmethod
     def build(

@@ -333,6 +333,24 @@ def test_save_refuses_a_root_outside_the_store_before_making_it(
     assert set(confined_store.client) == runs
 
 
+@pytest.mark.parametrize("background", [False, "thread"])
+def test_a_live_callback_refuses_a_root_the_store_may_not_read(
+    confined_store, tmp_path: Path, background
+) -> None:
+    from bluesky_analysis_store import AnalysisStoreCallback
+
+    outside = tmp_path / "elsewhere"
+    with pytest.raises(AssetLocationError, match="outside the folders this store may read"):
+        AnalysisStoreCallback(
+            lambda_free_total, confined_store, root=outside, background=background
+        )
+    assert not outside.exists()
+
+
+def lambda_free_total(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {"total": float(np.sum(data["img"]))}
+
+
 def test_save_refuses_a_root_symlinked_out_of_the_store(confined_store, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
