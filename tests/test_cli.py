@@ -35,9 +35,12 @@ SUBCOMMANDS = {
     "ls": ["--children", "--limit", "--json", "--store"],
     "show": ["UID", "--json", "--store"],
     "plot": ["UID", "KEY", "--output", "--stream", "--index", "--x", "--size", "--dpi"],
-    "reprocess": ["RAW_UID", "--reducer", "--source", "--stream", "--writer", "--force", "--md"],
+    "reprocess": [
+        "RAW_UID", "--reducer", "--source", "--stream", "--writer", "--force", "--derived", "--md"
+    ],
     "ingest": ["PATH", "--md", "--stream", "--writer"],
-    "reproduce": ["CHILD_UID", "--source", "--allow-changed-code"],
+    "reproduce": ["CHILD_UID", "--source", "--trust-recorded-code", "--rtol", "--atol"],
+    "recover": ["--journal"],
 }
 
 
@@ -135,7 +138,7 @@ def test_subcommand_help(workdir: Path, subcommand: str) -> None:
     assert out.startswith(f"usage: {PROG} {subcommand}")
     for option in SUBCOMMANDS[subcommand]:
         assert option in out, option
-    example = re.search(rf"^examples?:\n\s+{PROG} {subcommand} ", out, re.MULTILINE)
+    example = re.search(rf"^examples?:\n\s+{PROG} {subcommand}\b", out, re.MULTILINE)
     assert example, out
 
 
