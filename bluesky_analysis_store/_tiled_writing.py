@@ -128,6 +128,7 @@ class _LateClosingRunWriter(_RunWriter):
     def __init__(self, owner: FlushingTiledWriter, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._owner = owner
+        self._keys_by_stream: dict[str, dict[str, Any]] = {}
 
     def start(self, doc: Any) -> None:
         super().start(doc)
@@ -135,6 +136,21 @@ class _LateClosingRunWriter(_RunWriter):
             from ._trust import SEAL_KEY, seal_for
 
             self.root_node.update_metadata({SEAL_KEY: seal_for(doc)}, drop_revision=True)
+
+    def descriptor(self, doc: Any) -> None:
+        super().descriptor(doc)
+        self._keys_by_stream[doc["name"]] = dict(doc.get("data_keys", {}))
+
+    def _write_internal_data(self, data_cache: Any, desc_node: Any) -> None:
+        # The plugin keeps one ``data_keys`` per run, so a key named alike in two streams
+        # takes the dtype of the last descriptor (a bool column read back as int8). Each
+        # stream's rows are written with its own descriptor's keys.
+        run_keys = self.data_keys
+        self.data_keys = {**run_keys, **self._keys_by_stream.get(desc_node.item["id"], {})}
+        try:
+            super()._write_internal_data(data_cache, desc_node)
+        finally:
+            self.data_keys = run_keys
 
     def _close_stream_tree(self) -> None:
         if self._owner._defer_closing:

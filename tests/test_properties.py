@@ -444,6 +444,17 @@ def test_store_save_reads_back_equal_or_refuses_cleanly(run, property_store) -> 
 # --- examples the adversary found, each one for the record --------------------------------
 
 
+def test_a_key_named_alike_in_two_streams_keeps_each_streams_dtype(property_store) -> None:
+    flags, counts = np.array([True, False, True]), np.array([1, 2, 3], dtype="i1")
+    uid = property_store.save(
+        [{"first": {"v": flags}, "second": {"v": counts}}] * 2, {}, **PROVENANCE
+    )
+    run = property_store[uid]
+    np.testing.assert_array_equal(run["first"]["v"].read(), [flags, flags])
+    assert run["first"]["v"].read().dtype == np.bool_
+    assert run["second"]["v"].read().dtype == np.int8
+
+
 @pytest.mark.parametrize(
     ("value", "dtype"),
     [

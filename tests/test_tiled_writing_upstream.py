@@ -12,8 +12,11 @@ RUN_WRITER_METHODS = {
     "_close_stream_tree": ["self"],
     "_write_internal_data": ["self", "data_cache", "desc_node"],
     "_write_external_data": ["self", "doc"],
+    "descriptor": ["self", "doc"],
 }
-RUN_WRITER_ATTRIBUTES = ["_internal_data_cache", "_external_data_cache", "_desc_nodes"]
+RUN_WRITER_ATTRIBUTES = [
+    "_internal_data_cache", "_external_data_cache", "_desc_nodes", "data_keys",
+]  # fmt: skip
 
 
 def test_the_run_writers_private_methods_are_there_with_their_signatures():
