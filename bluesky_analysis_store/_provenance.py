@@ -27,7 +27,7 @@ from typing import Any
 from event_model import DocumentNames, schema_validators
 
 from ._errors import ProvenanceError
-from ._recorded_code import recorded_code_fields
+from ._recorded_code import edited_since_loaded, recorded_code_fields
 
 __all__ = [
     "CheckedParent",
@@ -303,6 +303,9 @@ def code_record(code: Callable[..., Any] | Mapping[str, Any]) -> dict[str, Any]:
     # Code of __main__ (a script, a profile, the prompt) cannot be imported elsewhere: its
     # definition's source is recorded, so that reproduce never runs the file it came from.
     record.update(recorded_code_fields(target, record))
+    if "sha256" in record and (edited := edited_since_loaded(target)):
+        # The file's sha256 (and git state) describe the file, not the code that runs.
+        record["edited_since_loaded"] = edited
     return record
 
 
@@ -403,6 +406,12 @@ def make_provenance(
                 f"code {record['name']!r} is defined in __main__ or a module that cannot be "
                 "imported by its name, and its source cannot be recorded "
                 f"({record.get('source_unavailable', 'no source')}): define it in a module"
+            )
+        elif "edited_since_loaded" in record:
+            missing.append(
+                f"the code {record['name']!r} that would run is not what its file holds now "
+                f"({record['edited_since_loaded']}): reload its module (importlib.reload) "
+                "or restart the session"
             )
         elif not record["importable"]:
             missing.append(

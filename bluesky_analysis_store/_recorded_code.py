@@ -26,6 +26,7 @@ import importlib
 import inspect
 import json
 import linecache
+import os
 import symtable
 import types
 from collections.abc import Mapping
@@ -86,6 +87,23 @@ def recorded_code_fields(target: Any, record: Mapping[str, Any]) -> dict[str, An
     if "version" not in record:
         fields["version"] = "source-sha256:" + digest
     return fields
+
+
+def edited_since_loaded(target: Any) -> str | None:
+    """Why the source file of an imported, top-level function no longer holds the code that
+    is loaded (the file was edited and the module not reloaded), or None if it does or
+    cannot be told (a class, a builtin, no file): its sha256 would then name other code."""
+    if not inspect.isfunction(target) or "<" in target.__qualname__ or "." in target.__qualname__:
+        return None
+    filename = target.__code__.co_filename
+    if not os.path.isfile(filename):
+        return None
+    linecache.checkcache(filename)  # read the file as it is now, not as first seen
+    try:
+        _definition_source(target)
+    except _UnrecordableError as why:
+        return str(why)
+    return None
 
 
 def _capture(target: Any) -> dict[str, Any]:
@@ -256,11 +274,27 @@ def _compiles_to(source: str, func: types.FunctionType) -> bool:
         if any(
             isinstance(const, types.CodeType)
             and const.co_name == func.__code__.co_name
-            and const.co_code == func.__code__.co_code
+            and _same_code(const, func.__code__)
             for const in module.co_consts
         ):
             return True
     return False
+
+
+def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+    """Bytecode, names and constants alike (``axis=0`` and ``axis=1`` differ only in a
+    constant), nested code objects compared the same way."""
+    if (a.co_code, a.co_names, a.co_varnames) != (b.co_code, b.co_names, b.co_varnames):
+        return False
+    if len(a.co_consts) != len(b.co_consts):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts, strict=True):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not _same_code(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
 
 
 def _future_flags() -> int:

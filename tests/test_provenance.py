@@ -160,6 +160,25 @@ def test_code_in_a_plain_file(tmp_path: Path, import_module_from) -> None:
     assert "commit" not in record and "distribution" not in record
 
 
+def test_code_edited_on_disk_but_not_reloaded_is_not_named_by_its_file(
+    tmp_path: Path, import_module_from, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module, path = import_module_from(tmp_path / "edited")
+    assert "edited_since_loaded" not in code_record(module.reduce)
+    # The file changes under a running session: what would run is the old definition.
+    path.write_text(REDUCER_SOURCE.replace("axis=0", "axis=1"))
+    record = code_record(module.reduce)
+    assert record["sha256"] == sha256(path)  # the file's hash, which no longer names the code
+    assert "changed after 'reduce' was defined" in record["edited_since_loaded"]
+    with pytest.raises(ProvenanceError, match="reload its module"):
+        make_provenance([PARENT_UID], (), module.reduce)
+    # Reloaded, the code is the file's again.
+    importlib.reload(module)
+    assert "edited_since_loaded" not in code_record(module.reduce)
+    make_provenance([PARENT_UID], (), module.reduce)
+
+
 def test_methods_partials_and_callable_instances(tmp_path: Path, import_module_from) -> None:
     module, _ = import_module_from(tmp_path / "scripts")
     assert code_record(module.Reducer().method)["name"] == f"{module.__name__}:Reducer.method"
