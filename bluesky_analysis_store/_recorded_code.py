@@ -95,14 +95,25 @@ def edited_since_loaded(target: Any) -> str | None:
     cannot be told (a class, a builtin, no file): its sha256 would then name other code."""
     if not inspect.isfunction(target) or "<" in target.__qualname__ or "." in target.__qualname__:
         return None
-    filename = target.__code__.co_filename
-    if not os.path.isfile(filename):
+    code = target.__code__
+    if getattr(code, "co_qualname", code.co_name) != code.co_name:
+        return None  # made inside another function (a decorator factory): not top-level
+    if not os.path.isfile(code.co_filename):
         return None
-    linecache.checkcache(filename)  # read the file as it is now, not as first seen
+    # The whole file is compiled, as its import did: how a call compiles depends on how
+    # its names are bound in the module (an imported name's method is loaded differently).
     try:
-        _definition_source(target)
-    except _UnrecordableError as why:
-        return str(why)
+        with open(code.co_filename, "rb") as file:
+            module = compile(file.read(), code.co_filename, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"{code.co_filename} cannot be compiled now ({error})"
+    if not any(
+        isinstance(const, types.CodeType)
+        and const.co_name == code.co_name
+        and _same_code(const, code)
+        for const in module.co_consts
+    ):
+        return f"{code.co_filename} changed after {target.__name__!r} was imported"
     return None
 
 

@@ -170,7 +170,7 @@ def test_code_edited_on_disk_but_not_reloaded_is_not_named_by_its_file(
     path.write_text(REDUCER_SOURCE.replace("axis=0", "axis=1"))
     record = code_record(module.reduce)
     assert record["sha256"] == sha256(path)  # the file's hash, which no longer names the code
-    assert "changed after 'reduce' was defined" in record["edited_since_loaded"]
+    assert "changed after 'reduce' was imported" in record["edited_since_loaded"]
     with pytest.raises(ProvenanceError, match="reload its module"):
         make_provenance([PARENT_UID], (), module.reduce)
     # Reloaded, the code is the file's again.
