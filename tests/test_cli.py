@@ -1,4 +1,7 @@
-"""The command line, run as users run it: ``python -m bluesky_analysis_store`` in a subprocess.
+"""The command line: ``demo``, ``--help``, ``--version`` and the installed script run as users
+run them, ``python -m bluesky_analysis_store`` in a subprocess; every other command calls
+:func:`bluesky_analysis_store.cli.main` in this process (the same parser, commands, output and
+exit status, without an interpreter and tiled's imports to start each time).
 
 One store per module is made by the ``demo`` subcommand itself (a simulated scan, its raw run
 and the child run reduced live); the other subcommands read it, plot from it, reprocess and
@@ -8,6 +11,8 @@ the runs of another.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -22,6 +27,7 @@ import numpy as np
 import pytest
 
 from bluesky_analysis_store import DATA_ROOT_ENV, STORE_ENV
+from bluesky_analysis_store.cli import main
 
 PROG = "bluesky-analysis-store"
 ERROR_PREFIX = f"{PROG}: error:"
@@ -44,20 +50,51 @@ SUBCOMMANDS = {
 }
 
 
-def run_cli(
-    *args: str | os.PathLike[str], cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The command, with ``args``, in a subprocess whose store setting is only ``env``'s."""
+def _environment(cwd: Path, env: dict[str, str] | None) -> dict[str, str]:
+    """The process's environment with no store setting but ``env``'s."""
     environment = {k: v for k, v in os.environ.items() if k not in (STORE_ENV, DATA_ROOT_ENV)}
     environment[DATA_ROOT_ENV] = str(cwd / "default-data")  # nothing lands in the checkout
     environment.update(env or {})
+    return environment
+
+
+def run_cli_process(
+    *args: str | os.PathLike[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command, with ``args``, in a subprocess whose store setting is only ``env``'s."""
     return subprocess.run(
         [sys.executable, "-m", "bluesky_analysis_store", *map(str, args)],
         cwd=cwd,
-        env=environment,
+        env=_environment(cwd, env),
         capture_output=True,
         text=True,
         check=False,
+    )
+
+
+def run_cli(
+    *args: str | os.PathLike[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command, with ``args``, through ``main`` in this process, in ``cwd`` with only
+    ``env``'s store setting; its stdout, stderr and exit status as a subprocess gives them."""
+    argv = [str(arg) for arg in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_environment, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(_environment(cwd, env))
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = main(argv)
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_environment)
+    return subprocess.CompletedProcess(
+        [PROG, *argv], status, stdout.getvalue(), stderr.getvalue()
     )
 
 
@@ -99,7 +136,9 @@ def demo(workdir: Path) -> dict[str, Any]:
     """The demo, run by ``bluesky-analysis-store demo``, into a new store (about 10-30 s)."""
     store = workdir / "store"
     plot = workdir / "demo-centroid.png"
-    result = run_cli("--store", store, "demo", "--plot", plot, "--points", POINTS, cwd=workdir)
+    result = run_cli_process(
+        "--store", store, "demo", "--plot", plot, "--points", POINTS, cwd=workdir
+    )
     out = assert_ok(result)
     raw = re.search(rf"^raw run:\s+({UID.pattern})$", out, re.MULTILINE)
     child = re.search(rf"^child run:\s+({UID.pattern})", out, re.MULTILINE)
@@ -123,12 +162,12 @@ def code_version() -> str:
 
 
 def test_help_lists_every_subcommand(workdir: Path) -> None:
-    out = assert_ok(run_cli("--help", cwd=workdir))
+    out = assert_ok(run_cli_process("--help", cwd=workdir))
     for name in SUBCOMMANDS:
         assert name in out
     for option in ("--store", "--api-key", "--verbose", "--version", STORE_ENV, "TILED_API_KEY"):
         assert option in out
-    version = assert_ok(run_cli("--version", cwd=workdir))
+    version = assert_ok(run_cli_process("--version", cwd=workdir))
     assert version.strip() == f"{PROG} {metadata.version('bluesky-analysis-store')}"
 
 
