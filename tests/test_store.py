@@ -121,6 +121,14 @@ def test_save_returns_the_uid_of_a_complete_run(
     assert run.stop["exit_status"] == "success"
 
 
+def test_len_counts_a_run_saved_just_now(shared_store: AnalysisStore) -> None:
+    counts = [len(shared_store)]
+    for n in range(2):
+        shared_store.save([{"primary": {"x": n}}], {}, **PROVENANCE)
+        counts.append(len(shared_store))  # within a second: tiled's client caches its own
+    assert counts == [counts[0], counts[0] + 1, counts[0] + 2]
+
+
 def test_inline_arrays_are_saved_and_read_back(
     shared_store: AnalysisStore, reader: AnalysisStore
 ) -> None:
