@@ -144,26 +144,43 @@ def main() -> int:
     return result.returncode or property_rc
 
 
-def run_properties(save_cases: int) -> tuple[list[dict], str, int]:
-    """Run the two properties with the full profile; their counts, pytest's summary line."""
+def run_properties(save_cases: int, shards: int = 2) -> tuple[list[dict], str, int]:
+    """Run the two properties with the full profile; their counts, pytest's summary lines.
+
+    The compose property runs once (derandomized); the store.save one, which takes most of
+    an hour alone, runs in ``shards`` processes side by side, each with its own seed and
+    its share of the cases. Their counts are added up.
+    """
     with tempfile.TemporaryDirectory() as folder:
         record = Path(folder) / "properties.jsonl"
-        env = {
-            **os.environ, "BAS_RELIABILITY_RECORD": str(record), "HYPOTHESIS_PROFILE": "full",
-            "BAS_SAVE_CASES": str(save_cases),
-        }
-        result = subprocess.run(
-            # One property per core: the store.save one takes most of an hour alone.
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-             "no:randomly", "--timeout=0", "-n", "2", "--dist", "load", *PROPERTIES],
-            cwd=ROOT, env=env, capture_output=True, text=True,
-        )  # fmt: skip
-        outcomes = [json.loads(line) for line in record.read_text().splitlines()] if (
+        base = {**os.environ, "BAS_RELIABILITY_RECORD": str(record), "HYPOTHESIS_PROFILE": "full"}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                   "no:randomly", "-p", "no:xdist", "--timeout=0"]  # fmt: skip
+        runs = [subprocess.Popen([*command, PROPERTIES[0]], cwd=ROOT, env=base, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]  # fmt: skip
+        for shard in range(shards):
+            cases = save_cases // shards + (1 if shard < save_cases % shards else 0)
+            env = {**base, "BAS_SAVE_CASES": str(cases), "BAS_PROPERTY_SEED": str(shard + 1)}
+            runs.append(subprocess.Popen([*command, PROPERTIES[1]], cwd=ROOT, env=env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+        outputs = [run.communicate()[0] for run in runs]
+        returncode = max(run.returncode for run in runs)
+        lines = [json.loads(line) for line in record.read_text().splitlines()] if (
             record.exists()
         ) else []
-    print(result.stdout[-3000:])
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "no output"
-    return outcomes, summary, result.returncode
+    outcomes: dict[str, dict] = {}
+    for line in lines:
+        total = outcomes.setdefault(line["property"], {"property": line["property"]})
+        for key, value in line.items():
+            if isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+    for output in outputs:
+        print(output[-3000:])
+    summaries = [out.strip().splitlines()[-1] if out.strip() else "no output" for out in outputs]
+    summary = f"compose: {summaries[0]}; store.save in {shards} processes: " + ", ".join(
+        summaries[1:]
+    )
+    return list(outcomes.values()), summary, returncode
 
 
 if __name__ == "__main__":

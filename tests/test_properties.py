@@ -33,7 +33,7 @@ import pytest
 from _helpers import PROVENANCE
 from bluesky_tiled_plugins.utils import truncate_json_overflow
 from event_model import DocumentNames, schema_validators
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -54,8 +54,11 @@ _COMMON = {
     ],
     "print_blob": True,
 }
+# benchmarks/reliability_report.py runs the store.save property in several processes at
+# once, each drawing its own cases from its own seed: ``BAS_PROPERTY_SEED``.
+SHARD_SEED = os.environ.get("BAS_PROPERTY_SEED")
 settings.register_profile("small", **_COMMON)
-settings.register_profile("full", **_COMMON)
+settings.register_profile("full", **{**_COMMON, "derandomize": SHARD_SEED is None})
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "small")
 settings.load_profile(PROFILE if PROFILE in ("small", "full") else "small")
 CASES = {
@@ -404,6 +407,11 @@ def property_store(tmp_path_factory: pytest.TempPathFactory) -> AnalysisStore:
     return AnalysisStore.open(tmp_path_factory.mktemp("property-store"))
 
 
+def _sharded(test: Any) -> Any:
+    return test if SHARD_SEED is None else seed(int(SHARD_SEED))(test)
+
+
+@_sharded
 @given(run=runs(files=True))
 @settings(max_examples=CASES["save"])
 def test_store_save_reads_back_equal_or_refuses_cleanly(run, property_store) -> None:
