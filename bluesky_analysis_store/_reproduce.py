@@ -212,21 +212,6 @@ def _reducer_from(record: Mapping[str, Any], obj: Any) -> Reducer:
     return FunctionReducer(func, record.get("streams", ("primary",)))
 
 
-def _reducer_from(record: Mapping[str, Any], obj: Any) -> Reducer:
-    params = dict(record.get("params", {}))
-    summarised = [k for k, v in params.items() if isinstance(v, Mapping) and "sha256" in v]
-    if summarised:
-        raise ProvenanceError(
-            f"{record['name']} has parameters recorded only as summaries ({summarised}); "
-            "pass reducers=[...] built with the same values"
-        )
-    if isinstance(obj, type) and issubclass(obj, Reducer):
-        return obj(**params)
-    args = params.pop("args", [])
-    func = functools.partial(obj, *args, **params) if (args or params) else obj
-    return FunctionReducer(func, record.get("streams", ("primary",)))
-
-
 def reproduce(
     store: Any,
     child_uid: str,
