@@ -120,7 +120,8 @@ def main() -> int:
         "## Inputs: saved exactly or refused cleanly",
         "",
         "Generated from the property-based tests of `tests/test_properties.py`, run with "
-        "hypothesis's `full` profile (`HYPOTHESIS_PROFILE=full`, derandomized): keys, stream "
+        "hypothesis's `full` profile (`HYPOTHESIS_PROFILE=full`; compose derandomized, "
+        "store.save in two processes seeded 1 and 2): keys, stream "
         "names, every dtype, 0-d/empty/changing shapes, NaN/inf/huge integers, nested and "
         "non-JSON metadata, files in HDF5/TIFF/NPY. *Escaped* counts exceptions other than "
         "`AnalysisStoreError`.",
