@@ -218,7 +218,6 @@ def _git_state(folder: str) -> tuple[str, bool] | None:
     return commit, bool(changes)
 
 
-
 def _git_tracks(path: str) -> bool:
     """Whether git tracks ``path``: a file merely inside a checkout (an installed package in a
     virtualenv under it, an untracked script) is not identified by that checkout's commit."""
