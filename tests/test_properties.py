@@ -62,7 +62,7 @@ settings.register_profile("full", **{**_COMMON, "derandomize": SHARD_SEED is Non
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "small")
 settings.load_profile(PROFILE if PROFILE in ("small", "full") else "small")
 CASES = {
-    "small": {"compose": 150, "save": 40},
+    "small": {"compose": 150, "save": 25},
     "full": {"compose": 10_000, "save": int(os.environ.get("BAS_SAVE_CASES", "10000"))},
 }[PROFILE if PROFILE == "full" else "small"]
 RECORD = os.environ.get("BAS_RELIABILITY_RECORD")

@@ -118,6 +118,10 @@ def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor
 # --- 2. a batch with one corrupt run -------------------------------------------------------
 
 
+# Runs in the corrupt-run batch: three reduced live first, the rest only saved raw.
+RUNS = 8
+
+
 def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
     RE, store, cam, recorder, make_callback
 ):
@@ -126,7 +130,7 @@ def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
     # Reduce three runs live first, the one that will be corrupted among them.
     live_token = make_callback(reducers).subscribe(RE)
     raw_uids = []
-    for n in range(20):
+    for n in range(RUNS):
         if n == 3:
             RE.unsubscribe(live_token)
         # The corrupt run is longer than a replay block, and its last frame goes missing:
@@ -153,10 +157,10 @@ def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
     assert os.path.basename(missing) in report.failed[corrupt_uid]
     assert report.skipped == {}
     assert set(report.saved) == set(raw_uids) - {corrupt_uid}
-    assert len(set(report.saved.values())) == 19
+    assert len(set(report.saved.values())) == RUNS - 1
     assert corrupt_uid in str(report)
 
-    # The 19 good runs got a new, complete child each.
+    # The good runs got a new, complete child each.
     later = {uid: store.children(uid) for uid in raw_uids}
     for uid, child_uid in report.saved.items():
         assert later[uid] == [child_uid, *earlier[uid]]
@@ -166,7 +170,7 @@ def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
         assert len(child["primary"]["normalised"].read()) == 3
     # Nothing was saved for the corrupt run, and nothing of its attempt was left on disk.
     assert later[corrupt_uid] == earlier[corrupt_uid]
-    assert len(store) == runs_before + 19
+    assert len(store) == runs_before + RUNS - 1
     assert asset_entries(store) == entries_before | set(report.saved.values())
     # What was saved before the batch is still there and reads back the same.
     for uid, child_uid in reduced_before.items():
