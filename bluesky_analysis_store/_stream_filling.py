@@ -15,16 +15,14 @@ per data key are all interpreted by the ecosystem's code, once, for both paths.
 consolidator derives is checked against its root before its array is read. A refusal or an
 unreadable resource fails only the events that need it (the reduction records them).
 
-Upstream private members used, bound to the pinned bluesky-tiled-plugins (<2.1) and checked
-by ``tests/test_filling.py::test_the_upstream_members_the_stream_filler_relies_on``:
-``RunNormalizer._convert_resource_to_stream_resource`` (the normalization TiledWriter applies
-before its consolidators see a stream_resource).
+The normalization TiledWriter applies before its consolidators see a stream_resource is a
+private member of the plugin: it is reached through ``_tiled_writing.py``, the one module that
+uses any.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ import numpy as np
 from ._errors import AnalysisStoreError, AssetLocationError
 from ._resource_paths import check_stream_paths, map_stream_uri, stream_uri_root
 
-__all__ = ["StreamFiller", "event_value", "normalized_stream_resource"]
+__all__ = ["StreamFiller", "event_value"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +43,6 @@ def event_value(array: Any) -> Any:
     offline replay gives it), anything else a numpy array."""
     value = np.asarray(array)
     return value.item() if value.ndim == 0 else value
-
-
-@functools.cache
-def _normalizer() -> Any:
-    from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
-
-    return RunNormalizer()
-
-
-def normalized_stream_resource(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``stream_resource`` as TiledWriter gives it to a consolidator (a new dict: the
-    conversion and some consolidators change the document they are given)."""
-    return _normalizer()._convert_resource_to_stream_resource(copy.deepcopy(dict(doc)))
 
 
 @dataclass
@@ -165,6 +150,9 @@ class StreamFiller:
         self._first_descriptor.setdefault(doc["name"], dict(doc))
 
     def stream_resource(self, doc: Mapping[str, Any]) -> None:
+        # Imported here: the writing side imports the filling side at its top.
+        from ._tiled_writing import normalized_stream_resource
+
         what = f"stream_resource {doc.get('uid')!r}"
         try:
             resource = normalized_stream_resource(doc)

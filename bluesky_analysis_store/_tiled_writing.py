@@ -12,10 +12,13 @@ writer's own ``stop`` does with its caches; no public API of the plugin offers i
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer, _RunWriter
@@ -23,7 +26,7 @@ from event_model import DocumentNames, RunRouter, schema_validators
 
 from ._filling import EventShortcut, RouterFiller
 
-__all__ = ["FlushingTiledWriter"]
+__all__ = ["FlushingTiledWriter", "normalized_stream_resource"]
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +283,15 @@ def _flush_run_writer(run_writer: _RunWriter) -> None:
     cache = run_writer._external_data_cache
     for stream_resource_uid in list(cache):
         run_writer._write_external_data(cache.pop(stream_resource_uid))
+
+
+@functools.cache
+def _normalizer() -> RunNormalizer:
+    return RunNormalizer()
+
+
+def normalized_stream_resource(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``stream_resource`` as TiledWriter gives it to a consolidator (a new dict: the
+    conversion and some consolidators change the document they are given), so that the live
+    filler reads what tiled reads."""
+    return _normalizer()._convert_resource_to_stream_resource(copy.deepcopy(dict(doc)))

@@ -641,12 +641,13 @@ def test_legacy_resources_whose_files_leave_their_root_are_refused_before_a_hand
 
 
 def test_the_upstream_members_the_stream_filler_relies_on():
-    """bluesky-tiled-plugins (pinned <2.1) members ``_stream_filling`` uses: if this fails,
-    an upgrade changed them; adapt ``_stream_filling`` and the version bound together."""
+    """bluesky-tiled-plugins (pinned <2.1) members the stream filler uses (the private one
+    through ``_tiled_writing``): if this fails, an upgrade changed them; adapt the filler,
+    ``_tiled_writing`` and the version bound together."""
     from bluesky_tiled_plugins.writing import consolidators
     from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
 
-    from bluesky_analysis_store._stream_filling import normalized_stream_resource
+    from bluesky_analysis_store._tiled_writing import normalized_stream_resource
 
     assert callable(RunNormalizer._convert_resource_to_stream_resource)
     old_style = {
