@@ -14,8 +14,10 @@ from typing import Any, Literal
 from ._errors import AnalysisStoreError
 from ._handover import Abandoned, RunWaiter, Worker, close_at_exit, wait_async
 from ._live_router import LiveRouter
+from ._live_view import LiveView, finished_through
 from ._plans import wait_for_derived_wrapper
 from ._reduction import OnError, ReductionPlan
+from ._run_summary import SUMMARY_LOGGER, show_summaries
 
 __all__ = ["AnalysisStoreCallback"]
 
@@ -84,6 +86,24 @@ class AnalysisStoreCallback:
     traceback, counted and written into the child run's stop document. ``on_error="raise"``
     lets them propagate (for tests, with ``background=False``).
 
+    Live view: ``callback.subscribe(LivePlot("roi_total", "motor"))`` (any ``f(name, doc)``,
+    e.g. bluesky's ``LiveTable`` or ``BestEffortCallback``) hands that subscriber the child
+    runs' documents while they are made, in this process whatever ``background`` is, on a
+    thread of the callback (never the RunEngine's), each event joined with the scalar
+    readings of the raw event it came from (so the scan's motor is there for the x axis);
+    file-backed derived keys are left out. See ``_live_view`` for the details; the documents
+    saved in the store are unchanged.
+
+    ``summary`` (default True): after each raw run's stop, once its child run is saved (or
+    kept in its journal, or lost), one line says so on the ``bluesky_analysis_store.summary``
+    logger, e.g. ``derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c): 21 events reduced, 0
+    failed; saved in ./analysis-store``; ``FAILED`` (every event failed), ``PARTLY FAILED``,
+    ``NOT SAVED`` or ``LOST`` when it is not a success, logged at WARNING or ERROR then. The
+    logger is set to INFO (unless a level was set for it) and prints to ``sys.stdout``
+    while no logging handler of the session would show it. ``RE(plan)`` after
+    :meth:`subscribe` returns after that line, and after the live subscribers were handed
+    the whole child run.
+
     :meth:`close` finishes the queued work and stops the worker, returning what it had to
     leave undone. A callback dropped without ``close()`` is closed when it is collected; at
     interpreter exit every callback still open is closed within 60 s in all (whatever is
@@ -107,6 +127,7 @@ class AnalysisStoreCallback:
         stop_timeout: float | None = None,
         root_map: Mapping[str, str] | None = None,
         memory_limit: int | None = None,
+        summary: bool = True,
     ) -> None:
         self.mode = _mode(background)
         if memory_limit is not None and self.mode != "process":
@@ -139,6 +160,9 @@ class AnalysisStoreCallback:
         self._open_runs: dict[str, None] = {}
         self._preprocessor: Any = None
         self._tokens: dict[int, int] = {}
+        if summary:
+            show_summaries(SUMMARY_LOGGER)
+        self._view = LiveView(summary=summary)
         if self.mode == "process":
             from ._worker_process import ProcessWorker
 
@@ -148,19 +172,22 @@ class AnalysisStoreCallback:
                 queue_size=queue_size,
                 queue_bytes=queue_bytes,
                 memory_limit=memory_limit,
+                view=self._view,
             )
         elif self.mode == "thread":
             from ._worker_thread import ThreadWorker
 
             self._worker = ThreadWorker(
-                self.plan, store, queue_size=queue_size, queue_bytes=queue_bytes
+                self.plan, store, queue_size=queue_size, queue_bytes=queue_bytes, view=self._view
             )
         else:
             # The foreground delivers on a thread of its own too: waiting for the child run
             # is the same wait as in the background modes.
             self._foreground_runs = RunWaiter()
             self._router = LiveRouter(
-                self.plan, store, on_run_finished=self._foreground_runs.finished
+                self.plan,
+                store,
+                on_run_finished=finished_through(self._view, self._foreground_runs.finished),
             )
             # In the foreground nothing runs between documents: without this, rows written
             # while the scan waits (a long exposure, a sleep) would wait for the next one.
@@ -174,7 +201,7 @@ class AnalysisStoreCallback:
         if self._worker is None:
             close_at_exit(self._work, "callback")
         # Neither this nor the worker's threads hold the callback: dropping it closes them.
-        self._finalizer = weakref.finalize(self, _close_collected, self._work)
+        self._finalizer = weakref.finalize(self, _close_collected, self._work, self._view)
         self._finalizer.atexit = False  # close_at_exit's hooks see to that, earlier
 
     @property
@@ -200,6 +227,7 @@ class AnalysisStoreCallback:
             self._open_runs[doc["uid"]] = None
         elif name == "stop":
             self._open_runs.pop(doc["run_start"], None)
+        self._view.raw(name, doc)  # before its child documents can come
         if self._worker is None:
             assert self._router is not None
             if name == "start":
@@ -254,13 +282,32 @@ class AnalysisStoreCallback:
             )
         return not lost and not late
 
-    def subscribe(self, RE: Any, *, timeout: float | None = None) -> int:  # noqa: N803
-        """``RE.subscribe(self)``, and make every plan ``RE`` runs wait for this callback's
-        child runs after each run it closes (a preprocessor in ``RE.preprocessors``), so
-        that ``RE(plan)`` returns once the derived data is saved, without blocking the
-        RunEngine's loop. ``timeout`` defaults to ``stop_timeout``. Returns the
-        subscription token; :meth:`unsubscribe` undoes both.
+    def subscribe(self, target: Any, *, timeout: float | None = None) -> int:
+        """Subscribe this callback to a RunEngine, or a live subscriber to this callback.
+
+        ``callback.subscribe(RE)``: ``RE.subscribe(self)``, and make every plan ``RE`` runs
+        wait for this callback's child runs after each run it closes (a preprocessor in
+        ``RE.preprocessors``), so that ``RE(plan)`` returns once the derived data is saved,
+        without blocking the RunEngine's loop. ``timeout`` defaults to ``stop_timeout``.
+        Returns the RunEngine's subscription token; ``unsubscribe(RE)`` undoes both.
+
+        ``callback.subscribe(f)``, for any other callable ``f(name, doc)`` (``LivePlot``,
+        ``LiveTable``, ``BestEffortCallback``...): ``f`` is handed the documents of every
+        child run that starts from now on, as they are made (see the class docstring).
+        Returns a token; ``unsubscribe(token)`` (or ``unsubscribe(f)``) removes it.
         """
+        if _is_run_engine(target):
+            return self._subscribe_to(target, timeout)
+        if target is self or not callable(target):
+            raise AnalysisStoreError(
+                "subscribe a RunEngine, or a callable f(name, doc) to be given the child "
+                f"runs' documents, not {target!r}"
+            )
+        token = self._view.subscribe(target)
+        self._set_forwarding(True)
+        return token
+
+    def _subscribe_to(self, RE: Any, timeout: float | None) -> int:  # noqa: N803
         token = RE.subscribe(self)
         if self._preprocessor is None:
             self._preprocessor = functools.partial(
@@ -271,13 +318,31 @@ class AnalysisStoreCallback:
         self._tokens[id(RE)] = token
         return token
 
-    def unsubscribe(self, RE: Any) -> None:  # noqa: N803
-        """Undo :meth:`subscribe`."""
+    def unsubscribe(self, target: Any) -> None:
+        """Undo :meth:`subscribe`: of a RunEngine (give the RunEngine), or of a live
+        subscriber (give its token or the subscriber). Unknown ones are ignored."""
+        if not _is_run_engine(target):
+            if not isinstance(target, int) and not callable(target):
+                raise AnalysisStoreError(
+                    f"unsubscribe a RunEngine, a live subscriber or its token, not {target!r}"
+                )
+            self._view.unsubscribe(target)
+            if not self._view.active:
+                self._set_forwarding(False)
+            return
+        RE = target  # noqa: N806
         token = self._tokens.pop(id(RE), None)
         if token is not None:
             RE.unsubscribe(token)
         if self._preprocessor in RE.preprocessors:
             RE.preprocessors.remove(self._preprocessor)
+
+    def _set_forwarding(self, on: bool) -> None:
+        if self._worker is not None:
+            self._worker.set_forwarding(on)
+        else:
+            assert self._router is not None
+            self._router.forward = self._view.child if on else None
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every document handed over so far is reduced and saved (this blocks:
@@ -301,6 +366,7 @@ class AnalysisStoreCallback:
         self._closed = True
         self._finalizer.detach()
         abandoned = self._work.close(timeout)
+        self._view.close(timeout)
         if abandoned:
             logger.warning(
                 "closing the analysis callback left %s (runs %s)",
@@ -353,12 +419,22 @@ class _Foreground:
         return Abandoned(0, open_runs)
 
 
-def _close_collected(work: Any) -> None:
+def _is_run_engine(target: Any) -> bool:
+    """A bluesky RunEngine, or something that works like one (it has preprocessors)."""
+    from bluesky import RunEngine
+
+    if isinstance(target, RunEngine):
+        return True
+    return all(hasattr(target, name) for name in ("subscribe", "unsubscribe", "preprocessors"))
+
+
+def _close_collected(work: Any, view: LiveView) -> None:
     """Close the work of a callback that was collected without ``close()``, on a thread of
     its own: the collection may happen on the RunEngine's loop."""
 
     def close() -> None:
         abandoned = work.close(_COLLECTED_CLOSE_SECONDS)
+        view.close(_COLLECTED_CLOSE_SECONDS)
         if abandoned:
             logger.warning("an analysis callback was dropped unclosed; it left %s", abandoned)
 

@@ -112,6 +112,9 @@ class Worker(Protocol):
     def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
         """Wait until the child run of ``raw_uid`` is saved; False if ``timeout`` passed."""
 
+    def set_forwarding(self, on: bool) -> None:
+        """Whether the child documents are handed to the callback's live view."""
+
     def flush(self, timeout: float | None) -> bool:
         """Wait until everything queued so far is saved; False if ``timeout`` passed."""
 

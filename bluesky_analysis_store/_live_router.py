@@ -5,6 +5,8 @@ and nested runs stay apart) and keeps every failure away from its caller unless 
 says ``on_error="raise"``. It runs wherever the callback's work runs: on the RunEngine's
 thread (foreground), on a worker thread, or in the worker process; in each, child documents
 go the same way: journaled first, then delivered to the store by a :class:`Delivery` thread.
+While ``forward`` is set, the child documents a live view shows (``_live_view``) are handed to
+it too, once journaled.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from event_model import RunRouter, UnresolvableForeignKeyError
 
 from ._delivery import Delivery, JournaledSink
 from ._filling import EventShortcut, RouterFiller
+from ._journal import JOURNAL_SUFFIX
+from ._live_view import DISPLAYED_DOCUMENTS
 from ._reduction import ReductionPlan, RunReduction
+from ._run_summary import ReductionOutcome
 
 __all__ = ["LiveRouter"]
 
@@ -28,17 +34,19 @@ logger = logging.getLogger(__name__)
 class LiveRouter:
     """Reduce every raw run it is given into a child run saved in ``store``.
 
-    ``on_run_finished(raw_uid)`` is called once a raw run's child run is delivered to the
-    store, or is safe in its journal while the store fails, or could not be made at all.
-    ``private_documents=True`` says no one else sees the documents (they were unpickled
-    here), so reducers get their arrays without a copy.
+    ``on_run_finished(outcome)`` is called once a raw run's child run is delivered to the
+    store, or is safe in its journal while the store fails, or could not be made at all;
+    ``outcome`` says which, with the reduction's counts. ``private_documents=True`` says no
+    one else sees the documents (they were unpickled here), so reducers get their arrays
+    without a copy. ``forward(name, doc)``, while set, is given the child documents a live
+    view shows, once they are journaled (what it raises is logged).
     """
 
     def __init__(
         self,
         plan: ReductionPlan,
         store: Any,
-        on_run_finished: Callable[[str], None] = lambda raw_uid: None,
+        on_run_finished: Callable[[ReductionOutcome], None] = lambda outcome: None,
         *,
         private_documents: bool = False,
     ) -> None:
@@ -51,6 +59,7 @@ class LiveRouter:
         self._runs: dict[str, RunReduction] = {}
         self._shortcut = EventShortcut(self._runs)
         self._unknown_runs_logged: set[str] = set()
+        self.forward: Callable[[str, dict[str, Any]], None] | None = None
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         try:
@@ -76,7 +85,7 @@ class LiveRouter:
             if run is not None and not run.done:
                 logger.error("child run of %s was not completed", raw_uid)
             child_uid = run.child_uid if run is not None and run.done else None
-            self.delivery.when_settled(child_uid, functools.partial(self._on_run_finished, raw_uid))
+            self.delivery.when_settled(child_uid, functools.partial(self._finished, raw_uid, run))
 
     def flush_store(self, timeout: float | None = None) -> bool:
         """Deliver every child document made so far and write the rows buffered for open
@@ -96,16 +105,67 @@ class LiveRouter:
         """End the child runs whose raw run will not be completed (with a stop of
         ``exit_status: "fail"`` and ``reason``; without one if ``reason`` is None, leaving
         them to ``recover``), then deliver what is journaled, for at most ``timeout``."""
-        for raw_uid, run in list(self._runs.items()):
+        closed = list(self._runs.items())
+        for _, run in closed:
             if reason is not None:
                 self._guard(functools.partial(run.interrupt, reason), "closing a child run")
             run.close()
-            self._on_run_finished(raw_uid)
         self._runs.clear()
         self.delivery.close(timeout)
+        for raw_uid, run in closed:  # told after delivery: the outcome says where it is
+            self._finished(raw_uid, run)
+
+    def _finished(self, raw_uid: str, run: RunReduction | None) -> None:
+        try:
+            outcome = self._outcome(raw_uid, run)
+        except Exception:  # the run's waiters must be told all the same
+            logger.exception("the outcome of the child run of %s could not be told", raw_uid)
+            outcome = ReductionOutcome(raw_uid, None, None, 0, 0, None, False, None)
+        self._on_run_finished(outcome)
+
+    def _outcome(self, raw_uid: str, run: RunReduction | None) -> ReductionOutcome:
+        child_uid = run.child_uid if run is not None else None
+        journal = None
+        if child_uid is not None:
+            path = Path(self.delivery.folder) / f"{child_uid}{JOURNAL_SUFFIX}"
+            journal = str(path) if path.exists() else None  # a delivered run's is removed
+        return ReductionOutcome(
+            raw_uid=raw_uid,
+            child_uid=child_uid,
+            scan_id=run.parent_scan_id if run is not None else None,
+            events_reduced=run.events_reduced if run is not None else 0,
+            events_failed=run.events_failed if run is not None else 0,
+            exit_status=run.exit_status if run is not None else None,
+            saved=child_uid is not None and journal is None,
+            store=getattr(self.store, "location", None),
+            journal=journal,
+        )
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        sink = JournaledSink(self.delivery)
+        sink = _ForwardingSink(JournaledSink(self.delivery), self)
         run = RunReduction(self.plan, sink, copy_inputs=not self._private_documents)
         self._runs[start["uid"]] = run
         return [run], []
+
+
+class _ForwardingSink:
+    """The journaled sink, then the router's ``forward`` for the documents a view shows."""
+
+    def __init__(self, sink: JournaledSink, router: LiveRouter) -> None:
+        self._sink = sink
+        self._router = router
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self.write_all([(name, doc)])
+
+    def write_all(self, documents: list[tuple[str, dict[str, Any]]]) -> None:
+        self._sink.write_all(documents)
+        forward = self._router.forward
+        if forward is None:
+            return
+        try:
+            for name, doc in documents:
+                if name in DISPLAYED_DOCUMENTS:
+                    forward(name, doc)
+        except Exception:  # the live view is for display: the child run is journaled
+            logger.exception("a child document could not be handed to the live view")

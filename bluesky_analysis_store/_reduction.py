@@ -154,6 +154,8 @@ class RunReduction(DocumentRouter):
         self.events_failed = 0
         self.failures: list[dict[str, Any]] = []
         self.child_uid: str | None = None
+        self.parent_scan_id: int | None = None
+        self.exit_status: str | None = None  # the child stop's, once it is journaled
         self.done = False
         self.raised: Exception | None = None  # what on_error="raise" let through
 
@@ -168,6 +170,7 @@ class RunReduction(DocumentRouter):
     def start(self, doc: dict[str, Any]) -> None:
         # The parent's own start document is in hand: the parent is verified.
         parent = CheckedParent(doc["uid"], "start document")
+        self.parent_scan_id = doc.get("scan_id")
         parent_uids, provenance = make_provenance(
             [parent], (), self._plan.code, strict=self._plan.strict
         )
@@ -260,7 +263,8 @@ class RunReduction(DocumentRouter):
             "raw_exit_status": doc.get("exit_status"),
         }
         self._finish(doc.get("exit_status", "success"), doc.get("reason", ""), reduction)
-        logger.info(
+        # The live callback's session prints its own summary line of each scan.
+        logger.debug(
             "child run %s of raw run %s: %d events reduced, %d failed",
             self.child_uid,
             doc.get("run_start"),
@@ -288,6 +292,8 @@ class RunReduction(DocumentRouter):
         documents = self._composer.stop(exit_status=exit_status, reason=reason, reduction=reduction)
         # Done only once the stop is journaled: until then the child is not closed.
         self.done = self._emit(documents, stage="saving the child stop")
+        if self.done:
+            self.exit_status = exit_status
 
     def close(self) -> None:
         """Release open files of a run that will not be completed."""

@@ -5,8 +5,10 @@ lock; on a thread of the RunEngine's process they take turns with the RunEngine 
 scan. In a process of their own they run on another core. The RunEngine's thread only queues
 each document; a sender thread pickles batches of them (arrays out of band, protocol 5) into
 a pipe, and the worker process reduces them and writes the store it reopens from the
-callback's (see ``AnalysisStore.__reduce__``). Back come the child runs' completions, flush
-acknowledgements and the worker's log records, which are logged here as if made here.
+callback's (see ``AnalysisStore.__reduce__``). Back come the child runs' completions (with
+the reduction's counts, for the session's summary line), flush acknowledgements and the
+worker's log records, which are logged here as if made here; and, while the callback has
+live subscribers (``_live_view``), the child documents they are shown, a batch at a time.
 
 The worker is started with ``subprocess`` rather than ``multiprocessing``: a spawned
 multiprocessing child imports the user's ``__main__`` again, which runs a script that has no
@@ -53,8 +55,10 @@ from ._handover import (
     wait_while_alive,
 )
 from ._live_router import LiveRouter
+from ._live_view import LiveView, finished_through
 from ._reducers import code_as_loaded
 from ._reduction import ReductionPlan
+from ._run_summary import ReductionOutcome
 
 __all__ = ["ProcessWorker", "main"]
 
@@ -224,11 +228,15 @@ class ProcessWorker(ClosesOnce):
         queue_size: int,
         queue_bytes: int,
         memory_limit: int | None = None,
+        view: LiveView | None = None,
     ) -> None:
         super().__init__()
         self._setup = setup_message(plan, store, memory_limit)
+        self._view = view
+        self._forwarding = False  # whether the process sends the child documents back
         self._queue = DocumentQueue(queue_size, queue_bytes)
         self.runs = RunWaiter()
+        self._run_finished = finished_through(view, self.runs.finished)
         self._flushes: dict[int, threading.Event] = {}
         self._flushes_failed: dict[int, bool] = {}
         self._flush_ids = itertools.count()
@@ -281,6 +289,11 @@ class ProcessWorker(ClosesOnce):
     def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
         return self.runs.wait(raw_uid, timeout, self.alive)
 
+    def set_forwarding(self, on: bool) -> None:
+        # In order with the documents: those queued before it are not sent back.
+        self._forwarding = on and self._view is not None
+        self._put(("live", self._forwarding))
+
     def flush(self, timeout: float | None) -> bool:
         token = next(self._flush_ids)
         done = self._flushes[token] = threading.Event()
@@ -316,6 +329,9 @@ class ProcessWorker(ClosesOnce):
             process.popen.kill()
             process.popen.wait()
             self._sender.join(1.0)  # its writes fail now: it drops the rest and ends
+        if self._view is not None:  # the runs it finished are told through the view
+            process.ended.wait(remaining())  # its listener has heard every message
+            self._view.drain(remaining())
         queued = sum(1 for item, _ in self._queue.snapshot() if item[0] == "doc")
         lost = unfinished_runs(self._open_runs, self.runs.abandon())
         return Abandoned(queued + self._dropped - dropped_before, lost)
@@ -339,7 +355,7 @@ class ProcessWorker(ClosesOnce):
             # Documents queued before this point go to the old process (and are lost with
             # it), as do the runs begun before it.
             self._put(("process", process), urgent=True)
-            self.runs.abandon()
+            self._tell_lost(self.runs.abandon(), "it started while no analysis worker was up")
         logger.info("a new analysis worker process started (pid %s)", process.popen.pid)
 
     def _send_all(self, process: _Process) -> None:
@@ -369,6 +385,7 @@ class ProcessWorker(ClosesOnce):
             try:
                 if not process.setup_sent:
                     process.outbox.send(self._setup)
+                    process.outbox.send(encode([("live", self._forwarding)]))
                     process.setup_sent = True
                 process.outbox.send(parts)
                 return
@@ -386,7 +403,10 @@ class ProcessWorker(ClosesOnce):
             if target.isEnabledFor(record.levelno):  # as if it were logged here
                 target.handle(record)
         elif kind == "finished":
-            self.runs.finished(message[1])
+            self._run_finished(message[1])
+        elif kind == "child_documents":
+            if self._view is not None:
+                self._view.child_documents(message[1])
         elif kind == "flushed":
             if len(message) > 2 and not message[2]:
                 self._flushes_failed[message[1]] = True
@@ -419,6 +439,7 @@ class ProcessWorker(ClosesOnce):
             return
         lost = self.runs.abandon() if process is self._process else ()
         status = _exit_status(code)
+        self._tell_lost(lost, f"the analysis worker process ended ({status})")
         if self._closing.is_set():
             logger.error("the analysis worker process ended while closing (%s)", status)
             return
@@ -437,6 +458,10 @@ class ProcessWorker(ClosesOnce):
         logger.error("%s (%s)%s; starting a new one in %g s", what, status, runs, delay)
         if not self._closing.wait(delay):
             self._replace()
+
+    def _tell_lost(self, raw_uids: Sequence[str], why: str) -> None:
+        if self._view is not None:
+            self._view.lost(raw_uids, why)
 
 
 def _exit_status(code: int) -> str:
@@ -511,6 +536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass  # the callback's process is gone; the journal and the store remain
 
+    forwarder = _ChildDocuments(tell)
+
+    def finished(outcome: ReductionOutcome) -> None:
+        forwarder.send()  # its documents first: the session dispatches them, then ends the wait
+        tell("finished", outcome)
+
     root = logging.getLogger()
     root.handlers[:] = [_ForwardingHandler(outbox)]
     try:
@@ -533,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         router = LiveRouter(
             plan,
             store,
-            on_run_finished=lambda raw_uid: tell("finished", raw_uid),
+            on_run_finished=finished,
             private_documents=True,
         )
     except Exception:
@@ -547,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tell("ready")
     reason = _ORPHANED_REASON
     try:
-        if _serve(inbox, router, tell):
+        if _serve(inbox, router, tell, forwarder):
             reason = _CLOSED_REASON
     finally:
         # Runs still open will get no more documents: close them as failed, deliver what
@@ -594,7 +625,31 @@ _CLOSED_REASON = "interrupted: the analysis callback was closed before the raw r
 _DELIVERY_AT_EXIT_SECONDS = 30.0
 
 
-def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> bool:
+class _ChildDocuments:
+    """The child documents to send back to the session's live view, gathered and sent a
+    batch at a time (one message, not one per event)."""
+
+    def __init__(self, tell: Any) -> None:
+        self._tell = tell
+        self._documents: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()  # the delivery thread sends before a run's completion
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        with self._lock:
+            self._documents.append((name, doc))
+
+    def send(self) -> None:
+        with self._lock:  # held while sending: the batch goes before what follows it
+            documents, self._documents = self._documents, []
+            if not documents:
+                return
+            try:
+                self._tell("child_documents", documents)
+            except Exception:  # for display only: the child run itself is journaled
+                logger.exception("child documents could not be sent to the live view")
+
+
+def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any, forwarder: _ChildDocuments) -> bool:
     """Reduce what comes through ``inbox``; True if the callback closed it, False if the
     callback's process went away."""
     # A thread reads the next message from the pipe (without the interpreter lock) while
@@ -610,8 +665,12 @@ def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any) -> bool:
                 router(item[1], item[2])
             elif item[0] == "flush":
                 tell("flushed", item[1], router.flush_store(_FLUSH_SECONDS))
+            elif item[0] == "live":
+                router.forward = forwarder if item[1] else None
             elif item[0] == "close":
+                forwarder.send()
                 return True
+        forwarder.send()
 
 
 # A flush asked for by the callback waits this long at most for the store (the journal

@@ -23,6 +23,7 @@ from ._handover import (
     wait_while_alive,
 )
 from ._live_router import LiveRouter
+from ._live_view import LiveView, finished_through
 from ._reduction import ReductionPlan
 
 __all__ = ["ThreadWorker"]
@@ -41,10 +42,21 @@ class ThreadWorker(ClosesOnce):
     """Reduces on a daemon thread; closed at interpreter exit (see :func:`close_at_exit`),
     since a daemon thread is otherwise stopped wherever it happens to be."""
 
-    def __init__(self, plan: ReductionPlan, store: Any, *, queue_size: int, queue_bytes: int):
+    def __init__(
+        self,
+        plan: ReductionPlan,
+        store: Any,
+        *,
+        queue_size: int,
+        queue_bytes: int,
+        view: LiveView | None = None,
+    ):
         super().__init__()
         self.runs = RunWaiter()
-        self._router = LiveRouter(plan, store, on_run_finished=self.runs.finished)
+        self._view = view
+        self._router = LiveRouter(
+            plan, store, on_run_finished=finished_through(view, self.runs.finished)
+        )
         self._queue = DocumentQueue(queue_size, queue_bytes)
         self._open_runs: dict[str, None] = {}  # started, not stopped: closing leaves them
         self._thread = threading.Thread(
@@ -72,6 +84,9 @@ class ThreadWorker(ClosesOnce):
     def wait_for_run(self, raw_uid: str, timeout: float | None) -> bool:
         return self.runs.wait(raw_uid, timeout, self.alive)
 
+    def set_forwarding(self, on: bool) -> None:
+        self._router.forward = self._view.child if on and self._view is not None else None
+
     def flush(self, timeout: float | None) -> bool:
         done = threading.Event()
         if not self._put(done, urgent=True):
@@ -85,6 +100,8 @@ class ThreadWorker(ClosesOnce):
         self.flush(timeout)
         self._put(_STOP, urgent=True)
         self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._view is not None:  # the runs it finished are told through the view
+            self._view.drain(None if deadline is None else max(0.0, deadline - time.monotonic()))
         # What the thread did not get to (it may still be busy with a reducer that hangs).
         documents = sum(1 for item, _ in self._queue.snapshot() if isinstance(item, tuple))
         return Abandoned(documents, unfinished_runs(self._open_runs, self.runs.pending()))
