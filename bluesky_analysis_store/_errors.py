@@ -18,6 +18,7 @@ __all__ = [
     "ProvenanceError",
     "RunNotFoundError",
     "WriterRootError",
+    "PlotError",
 ]
 
 
@@ -87,3 +88,8 @@ class JournalError(AnalysisStoreError, OSError):
 
 class DeliveryError(AnalysisStoreError, RuntimeError):
     """A run could not be delivered to the store; its journal keeps it for ``recover``."""
+
+
+class PlotError(AnalysisStoreError, ValueError):
+    """A key that cannot be plotted: not in the run (nor, for the x axis, in its parent run),
+    not numbers, more than two dimensions an event, or an event index out of range."""

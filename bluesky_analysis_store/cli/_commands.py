@@ -19,7 +19,6 @@ from ._opening import (
     store_location,
 )
 from ._presenting import (
-    data_keys,
     print_json,
     print_show,
     run_summary,
@@ -85,9 +84,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     store = open_store(args)
     run = find_run(store.client, args.uid)
-    if args.x is not None and args.stream in run and args.x not in run[args.stream]:
-        keys = data_keys(run[args.stream])
-        raise CommandError(f"stream {args.stream!r} has no key {args.x!r} for x; it has {keys}")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise CommandError(f"cannot write {args.output!r}: folder {folder} does not exist")
@@ -98,6 +94,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         stream=args.stream,
         index=args.index,
         x_key=args.x,
+        x_stream=args.x_stream,
         size=args.size,
         dpi=args.dpi,
     )

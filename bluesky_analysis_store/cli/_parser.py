@@ -90,7 +90,8 @@ examples:
 examples:
   bluesky-analysis-store plot 013f38df centroid_x -o centroid.png
   bluesky-analysis-store plot 013f38df normalised --index 10 -o frame10.png
-  bluesky-analysis-store plot c6041c47 cam --x motor -o cam.png --size 8x6 --dpi 150""",
+  bluesky-analysis-store plot 013f38df centroid_x --x motor -o centroid.png --size 8x6 --dpi 150
+  bluesky-analysis-store plot c6041c47 cam -o cam.png""",
     "reprocess": """\
 examples:
   bluesky-analysis-store reprocess c6041c47 --reducer mylab.reduce:spot_centroid
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = add(
         "plot",
         "plot one data key of a run to a PNG: a line over the run for scalars, an image of one "
-        "event for frames",
+        "event for frames; titled with the sample, scan id, plan and run uid, axes labelled "
+        "with the descriptor's units; strings and events of 3 or more dimensions are refused",
         cmd_plot,
     )
     plot.add_argument("uid", metavar="UID", help="the run's uid, or its first 8+ characters")
@@ -241,7 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--x",
         metavar="KEY",
-        help="for scalars: the data key for the x axis (default: the event number)",
+        help="for scalars: the data key for the x axis, of the run's stream, else of its "
+        "parent run's stream (each derived event matched to the raw event it came from by "
+        "its parent_seq_num) (default: the event number, seq_num)",
+    )
+    plot.add_argument(
+        "--x-stream",
+        metavar="NAME",
+        help="the parent run's stream holding --x (default: the same name as --stream)",
     )
     plot.add_argument(
         "--size",
