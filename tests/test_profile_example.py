@@ -1,4 +1,5 @@
-"""The IPython profile under profile_examples/ starts, scans, and reduces live."""
+"""The IPython profile under profile_examples/ starts, scans, reduces live, plots the derived
+value against the motor live and prints one summary line per scan."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ print("RESULT " + json.dumps({
     "version": child.start["provenance"]["code"][0]["version"],
     "roi_total": child["primary"]["roi_total"].read().tolist(),
     "profile_shape": list(child["primary"]["roi_profile"].shape),
+    "child": child.start["uid"],
+    "scan_id": child.start["parent_scan_id"],
+    "plot_x": [float(x) for x in roi_plot.current_line.get_xdata()],
+    "plot_y": [float(y) for y in roi_plot.current_line.get_ydata()],
 }))
 """
 
@@ -30,7 +35,7 @@ def test_profile_reduces_a_scan_live(tmp_path):
     ipython = Path(sys.executable).with_name("ipython")
     # A copy, so that IPython's history and logs stay out of the checkout.
     profile = shutil.copytree(PROFILE / "startup", tmp_path / "profile" / "startup").parent
-    env = {**os.environ, "BLUESKY_ANALYSIS_STORE": str(tmp_path / "store")}
+    env = {**os.environ, "BLUESKY_ANALYSIS_STORE": str(tmp_path / "store"), "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [str(ipython), f"--profile-dir={profile}", "--no-banner", "-c", SESSION],
         capture_output=True,
@@ -49,3 +54,14 @@ def test_profile_reduces_a_scan_live(tmp_path):
     assert len(found["roi_total"]) == 5
     assert all(total > 0 for total in found["roi_total"])
     assert found["profile_shape"] == [5, 64]
+    # The live plot: the derived value against the parent's motor, every point of the scan.
+    assert found["plot_x"] == [-3.0, -1.5, 0.0, 1.5, 3.0]
+    assert found["plot_y"] == found["roi_total"]
+    # One summary line, printed before the session's own output (RE(...) waited for it).
+    summary = (
+        f"derived run {found['child'][:8]} of scan {found['scan_id']} (raw {found['raw'][:8]}): "
+        f"5 events reduced, 0 failed; saved in {tmp_path / 'store'}"
+    )
+    lines = result.stdout.splitlines()
+    assert lines.count(summary) == 1, result.stdout[-3000:]
+    assert lines.index(summary) < lines.index(line)

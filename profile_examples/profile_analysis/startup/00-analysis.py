@@ -4,21 +4,24 @@
 #
 # then, at the prompt:   RE(scan([cam], motor, -3, 3, 21))
 #
+# A plot of the derived roi_total against the scan's motor grows while the scan runs, and
+# after the scan one line says where its derived run is, e.g.
+#   derived run 1a2b3c4d of scan 1 (raw 9f8e7d6c): 21 events reduced, 0 failed; saved in ...
+#
 # The store folder comes from $BLUESKY_ANALYSIS_STORE (default ./analysis-store). At a
 # facility, raw runs go to the raw databroker instead of the analysis store, and the store
 # may be a shared tiled server: AnalysisStore.from_uri("https://...", api_key=...).
-import logging
 import os
 
+import matplotlib.pyplot as plt
 import numpy as np
 from bluesky import RunEngine
+from bluesky.callbacks import LivePlot
 from bluesky.plans import count, grid_scan, scan  # noqa: F401  (for the user)
 from ophyd.sim import SynAxis
 
 from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback
 from bluesky_analysis_store.sim import spot_camera
-
-logging.getLogger("bluesky_analysis_store").setLevel(logging.INFO)
 
 STORE = os.path.abspath(os.environ.get("BLUESKY_ANALYSIS_STORE", "analysis-store"))
 RAW_DATA = os.path.join(STORE, "raw-sim")
@@ -49,5 +52,11 @@ analysis = AnalysisStoreCallback([roi_sum], store, md={"beamline": "sim"})
 # child run is saved. A plain RE.subscribe(analysis) returns sooner, with the derived data
 # still being saved; analysis.flush() waits for it then.
 analysis.subscribe(RE)
+# The child runs' documents come back to this session as they are made, each event with the
+# raw event's motor position and readings: bluesky's own LivePlot, LiveTable or
+# BestEffortCallback show derived data live. (Subscribed to the callback, not to RE.)
+plt.ion()
+roi_plot = LivePlot("roi_total", "motor")
+analysis.subscribe(roi_plot)
 
 print(f"analysis store: {STORE}; try RE(scan([cam], motor, -3, 3, 21))")
