@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,14 @@ try:
 except ImportError:  # not POSIX: one process per store (the callback reduces in a thread)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_FILE", "CatalogLock", "LockingTransport", "lock_client"]
+__all__ = [
+    "LOCK_FILE",
+    "READING_METHODS",
+    "CatalogLock",
+    "LockingTransport",
+    "lock_client",
+    "wrap_transport",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ LOCK_FILE = "write.lock"
 _SHARED, _EXCLUSIVE = (fcntl.LOCK_SH, fcntl.LOCK_EX) if fcntl is not None else (1, 2)
 
 # Requests that only read: they may run together, never during a write.
-_READING_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READING_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class CatalogLock:
@@ -127,7 +134,7 @@ class LockingTransport(httpx.BaseTransport):
         self.lock = lock
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        with self.lock.held(exclusive=request.method not in _READING_METHODS):
+        with self.lock.held(exclusive=request.method not in READING_METHODS):
             response = self.inner.handle_request(request)
             # The body too, inside the lock: a streamed response still reads SQLite.
             response.read()
@@ -146,6 +153,14 @@ class LockingTransport(httpx.BaseTransport):
 
 def lock_client(client: Any, lock: CatalogLock) -> None:
     """Make every request of a tiled client (an in-process app's) hold ``lock``."""
-    http_client = client.context.http_client
-    # tiled sets its own caching transport the same way (tiled.client.context).
-    http_client._transport = LockingTransport(http_client._transport, lock)
+    wrap_transport(client.context.http_client, lambda inner: LockingTransport(inner, lock))
+
+
+def wrap_transport(
+    http_client: httpx.Client, wrapper: Callable[[httpx.BaseTransport], httpx.BaseTransport]
+) -> None:
+    """Put ``wrapper(transport)`` in place of an httpx client's transport.
+
+    httpx has no public way to do it once a client is made, which tiled's Context does
+    inside; tiled sets its own caching transport the same way (tiled.client.context)."""
+    http_client._transport = wrapper(http_client._transport)

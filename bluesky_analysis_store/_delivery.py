@@ -145,7 +145,7 @@ def deliver_documents(store: Any, documents: list[Document]) -> Any:
     uid = documents[0][1]["uid"]
     stop = next((doc for name, doc in documents if name == "stop"), None)
     counts = expected_counts(documents)
-    client = store.client
+    client = store.catalog
     if uid in client:
         if stop is not None and _has_stop(client, uid, stop["uid"]):
             if stored_counts_match(client, uid, counts) is None:
@@ -196,7 +196,7 @@ def _has_stop(client: Any, uid: str, stop_uid: str) -> bool:
 
 def _write_stop(store: Any, writer: Any, uid: str, counts: Counts, stop: dict[str, Any]) -> None:
     writer.flush()
-    mismatch = stored_counts_match(store.client, uid, counts)
+    mismatch = stored_counts_match(store.catalog, uid, counts)
     if mismatch is not None:
         raise DeliveryError(f"child run {uid} read back differs from its journal: {mismatch}")
     writer("stop", stop, close_streams=False)
@@ -419,7 +419,7 @@ class Delivery:
                     from ._tiled_writing import FlushingTiledWriter
 
                     run.writer = FlushingTiledWriter(
-                        self.store.client, flush_interval=None, seal=True
+                        self.store.catalog, flush_interval=None, seal=True
                     )
                 if name == "stop":
                     _write_stop(self.store, run.writer, uid, run.counts, doc)

@@ -100,6 +100,36 @@ def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]])
     return known
 
 
+class PlainStructureClients(Mapping[str, Any]):
+    """tiled's client classes for each structure family, imported when first met, and none
+    for specs: nodes read through it are plain containers, arrays and tables."""
+
+    _CLASSES = {
+        "container": ("tiled.client.container", "Container"),
+        "composite": ("tiled.client.composite", "CompositeClient"),
+        "array": ("tiled.client.array", "ArrayClient"),
+        "awkward": ("tiled.client.awkward", "AwkwardClient"),
+        "bytes": ("tiled.client.bytes", "BytesClient"),
+        "dataframe": ("tiled.client.dataframe", "DataFrameClient"),
+        "table": ("tiled.client.dataframe", "DataFrameClient"),
+        "ragged": ("tiled.client.ragged", "RaggedClient"),
+        "sparse": ("tiled.client.sparse", "SparseClient"),
+        "xarray_dataset": ("tiled.client.xarray", "DatasetClient"),
+    }
+
+    def __getitem__(self, family: str) -> Any:
+        import importlib
+
+        module, name = self._CLASSES[family]
+        return getattr(importlib.import_module(module), name)
+
+    def __iter__(self) -> Any:
+        return iter(self._CLASSES)
+
+    def __len__(self) -> int:
+        return len(self._CLASSES)
+
+
 class ChildRun(str):
     """The uid of a derived run (usable wherever a uid is), with when it started, the code
     that made it (``[{"name": "module:qualname", "version": ...}, ...]``) and how it ended.
@@ -208,10 +238,16 @@ class AnalysisStore:
         location: str | None = None,
         flush_interval: float = 0.5,
     ) -> None:
-        from ._tiled_writing import FlushingTiledWriter
+        from tiled.client.context import Context
 
-        self._client = client
-        self._writer = FlushingTiledWriter(client, flush_interval=flush_interval)
+        # Given a Context, the clients are made when first needed: the full one (runs as
+        # bluesky-tiled-plugins' BlueskyRun, whose module takes a second to import) for
+        # users, and the plain one for the listings and writes of this package.
+        self._context = client if isinstance(client, Context) else client.context
+        self._client = None if isinstance(client, Context) else client
+        self._catalog: Any = None
+        self._flush_interval = flush_interval
+        self._writer_: Any = None
         self.asset_root = os.path.abspath(asset_root) if asset_root is not None else None
         self.readable_roots = (
             [os.path.abspath(r) for r in readable_roots] if readable_roots is not None else None
@@ -229,51 +265,51 @@ class AnalysisStore:
         *,
         readable: Sequence[str | os.PathLike[str]] = (),
         flush_interval: float = 0.5,
+        served: bool | None = None,
     ) -> AnalysisStore:
         """Open the embedded store in folder ``path``, creating it if needed.
 
         ``path`` defaults to ``$BLUESKY_ANALYSIS_STORE``, else ``./analysis-store``. Derived
         files go under ``<path>/assets``; ``readable`` adds folders whose files the store may
         also serve (raw data referenced by runs saved here); they are remembered in
-        ``<path>/store.json`` for later opens. Several processes may open one folder and
-        write to it: their requests take turns on ``<path>/write.lock``.
+        ``<path>/store.json`` for later opens.
+
+        The folder is served by one local server process, started by the first open (a few
+        seconds, once) and shared by every process that opens the folder after it, which
+        then needs a fraction of a second (see ``_local_server``). ``served=False`` (or
+        ``$BLUESKY_ANALYSIS_STORE_SERVED=0``) serves the catalog inside this process
+        instead. Either way several processes may open one folder and write to it: their
+        requests take turns on ``<path>/write.lock``.
         """
-        from tiled.catalog import from_uri
-        from tiled.client import Context, from_context
-        from tiled.server.app import build_app
-
-        from ._catalog_lock import CatalogLock, lock_client
-
         location = os.fspath(path) if path is not None else default_store_location()
         if location.startswith(("http://", "https://")):
             return cls.from_uri(location)
+        from ._catalog_lock import CatalogLock
+
         folder = Path(location).absolute()
-        assets = folder / "assets"
-        assets.mkdir(parents=True, exist_ok=True)
+        (folder / "assets").mkdir(parents=True, exist_ok=True)
         (folder / "data").mkdir(exist_ok=True)
-        # Every process that opens the folder writes its SQLite files: one at a time.
         catalog_lock = CatalogLock(folder)
-        with catalog_lock.held():  # two processes may create the catalog at once
-            readable_roots = [str(assets), *_remember_readable(folder, readable)]
-            adapter = from_uri(
-                f"sqlite:///{folder / 'catalog.db'}",
-                # Creating a catalog runs a subprocess (seconds); reopening one need not.
-                init_if_not_exists=not (folder / "catalog.db").is_file(),
-                specs=_CATALOG_SPECS,
-                writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
-                readable_storage=readable_roots,
-            )
-        app = build_app(adapter, serialization_registry=_serialization_registry())
-        client = from_context(Context.from_app(app))
-        lock_client(client, catalog_lock)
+        with catalog_lock.held():  # store.json: one process at a time
+            _remember_readable(folder, readable)
+        readable_roots = readable_folders(folder)
+        if served is None:
+            from ._local_server import served_by_default
+
+            served = served_by_default()
+        if served:
+            catalog_lock.close()
+            context = _served_context(folder, readable_roots)
+        else:
+            context = _in_process_context(folder, readable_roots, catalog_lock)
         store = cls(
-            client,
-            asset_root=assets,
+            context,
+            asset_root=folder / "assets",
             readable_roots=readable_roots,
             location=str(folder),
             flush_interval=flush_interval,
         )
-        store._reopen = (_open_folder, (str(folder), flush_interval))
+        store._reopen = (_open_folder, (str(folder), flush_interval, served))
         return store
 
     @classmethod
@@ -337,8 +373,38 @@ class AnalysisStore:
 
     @property
     def client(self) -> Any:
-        """The tiled client of the catalog."""
+        """The tiled client of the catalog (runs read back as ``BlueskyRun``)."""
+        if self._client is None:
+            from tiled.client import from_context
+
+            self._client = from_context(self._context)
         return self._client
+
+    @property
+    def catalog(self) -> Any:
+        """The catalog as plain tiled nodes: runs and streams are tiled containers, read
+        without importing the client classes of bluesky-tiled-plugins (a second or two);
+        their start and stop documents are in ``catalog[uid].metadata``."""
+        if self._catalog is None:
+            from tiled.client import from_context
+
+            if self._client is not None:  # perhaps of a node below the server's root
+                self._catalog = self._client.new_variation(
+                    structure_clients=PlainStructureClients()
+                )
+            else:
+                self._catalog = from_context(
+                    self._context, structure_clients=PlainStructureClients()
+                )
+        return self._catalog
+
+    @property
+    def _writer(self) -> Any:
+        if self._writer_ is None:
+            from ._tiled_writing import FlushingTiledWriter
+
+            self._writer_ = FlushingTiledWriter(self.catalog, flush_interval=self._flush_interval)
+        return self._writer_
 
     def __call__(self, name: str, doc: dict[str, Any], *, close_streams: bool = True) -> None:
         """Save one document; asset files outside the store's readable folders are refused.
@@ -415,21 +481,21 @@ class AnalysisStore:
 
     def __getitem__(self, uid: str) -> Any:
         try:
-            return self._client[uid]
+            return self.client[uid]
         except KeyError:
             raise RunNotFoundError(f"no run {uid!r} in the analysis store") from None
 
     def __contains__(self, uid: object) -> bool:
-        return isinstance(uid, str) and uid in self._client
+        return isinstance(uid, str) and uid in self.catalog
 
     def __len__(self) -> int:
         # tiled's client keeps a container's length for a second: a fresh view of the same
         # node counts the runs saved just now too.
-        return len(self._client.new_variation())
+        return len(self.catalog.new_variation())
 
     def search(self, query: Any) -> Any:
         """Runs matching a tiled query (``tiled.queries``)."""
-        return self._client.search(query)
+        return self.client.search(query)
 
     def children(self, parent_uid: str, *, unverified: bool = False) -> list[ChildRun]:
         """The runs derived from ``parent_uid``, newest first: their uids, each carrying the
@@ -447,7 +513,7 @@ class AnalysisStore:
 
         # TiledWriter keeps the start document under the run's "start" metadata; Contains is a
         # substring match on the JSON text, so membership is checked again here.
-        results = self._client.search(Contains("start.parent_uids", parent_uid))
+        results = self.catalog.search(Contains("start.parent_uids", parent_uid))
         children = []
         for uid, run in results.items():
             node_metadata = run.metadata
@@ -462,7 +528,7 @@ class AnalysisStore:
         return sorted(children, key=lambda child: child.time, reverse=True)
 
     def __repr__(self) -> str:
-        return f"<AnalysisStore {self.location or self._client!r}>"
+        return f"<AnalysisStore {self.location or self._context.api_uri!s}>"
 
 
 JOURNAL_ENV = "BLUESKY_ANALYSIS_JOURNAL"
@@ -481,8 +547,73 @@ def journal_folder_for(location: str | None) -> Path:
     return state / "bluesky-analysis-store" / "journals" / key
 
 
-def _open_folder(folder: str, flush_interval: float) -> AnalysisStore:
-    return AnalysisStore.open(folder, flush_interval=flush_interval)
+def _open_folder(folder: str, flush_interval: float, served: bool = True) -> AnalysisStore:
+    return AnalysisStore.open(folder, flush_interval=flush_interval, served=served)
+
+
+def readable_folders(folder: Path) -> list[str]:
+    """What an embedded store may serve: its assets, and the folders of ``store.json``."""
+    return [str(folder / "assets"), *_remember_readable(folder, ())]
+
+
+def build_embedded_app(
+    folder: Path, readable_roots: Sequence[str], *, api_key: str | None = None
+) -> Any:
+    """The tiled app serving an embedded store's folder (its catalog created if needed)."""
+    from tiled.catalog import from_uri
+    from tiled.server.app import build_app
+
+    from ._catalog_lock import CatalogLock
+
+    lock = CatalogLock(folder)
+    try:
+        with lock.held():  # two processes may create the catalog at once
+            adapter = from_uri(
+                f"sqlite:///{folder / 'catalog.db'}",
+                # Creating a catalog runs a subprocess (seconds); reopening one need not.
+                init_if_not_exists=not (folder / "catalog.db").is_file(),
+                specs=_CATALOG_SPECS,
+                writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
+                readable_storage=list(readable_roots),
+            )
+    finally:
+        lock.close()
+    authentication = None
+    if api_key is not None:
+        from tiled.config import Authentication
+
+        authentication = Authentication(single_user_api_key=api_key)
+    return build_app(
+        adapter,
+        authentication=authentication,
+        serialization_registry=_serialization_registry(),
+    )
+
+
+def _in_process_context(folder: Path, readable_roots: Sequence[str], catalog_lock: Any) -> Any:
+    from tiled.client import Context
+
+    from ._catalog_lock import LockingTransport, wrap_transport
+
+    app = build_embedded_app(folder, readable_roots)
+    context = Context.from_app(app)
+    wrap_transport(context.http_client, lambda inner: LockingTransport(inner, catalog_lock))
+    return context
+
+
+def _served_context(folder: Path, readable_roots: Sequence[str]) -> Any:
+    from tiled.client import Context
+
+    from ._catalog_lock import wrap_transport
+    from ._local_server import ServerTransport, api_key, ensure_server
+
+    info = ensure_server(folder, readable_roots)
+    # trust_env=False: a proxy from the environment has no business on localhost.
+    context = Context(info.uri, api_key=api_key(folder), trust_env=False)
+    wrap_transport(
+        context.http_client, lambda inner: ServerTransport(inner, folder, readable_roots)
+    )
+    return context
 
 
 def _connect(

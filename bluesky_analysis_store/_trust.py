@@ -36,13 +36,16 @@ def claims_derivation(start: Mapping[str, Any]) -> bool:
     return "parent_uids" in start or "provenance" in start
 
 
-def start_sha256(start: Mapping[str, Any]) -> str:
+def start_sha256(start: Mapping[str, Any], *, stored: bool = False) -> str:
     """The sha256 of a start document in the form the catalog keeps it, so that the start
-    given to the writer and the start read back give the same digest."""
-    from bluesky_tiled_plugins.utils import truncate_json_overflow
+    given to the writer and the start read back (``stored=True``) give the same digest."""
+    if not stored:
+        # What the plugin's run writer does to a start (idempotent, so a start read back
+        # need not go through it again, nor import the plugin: a second).
+        from bluesky_tiled_plugins.utils import truncate_json_overflow
 
-    stored = truncate_json_overflow({k: v for k, v in start.items() if k not in _NOT_STORED})
-    text = json.dumps(_finite(stored), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        start = truncate_json_overflow({k: v for k, v in start.items() if k not in _NOT_STORED})
+    text = json.dumps(_finite(start), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -58,7 +61,9 @@ def is_sealed(node_metadata: Mapping[str, Any]) -> bool:
     start = node_metadata.get("start")
     if not isinstance(seal, Mapping) or not isinstance(start, Mapping):
         return False
-    return seal.get("sealed_by") == SEALED_BY and seal.get("start_sha256") == start_sha256(start)
+    return seal.get("sealed_by") == SEALED_BY and seal.get("start_sha256") == start_sha256(
+        start, stored=True
+    )
 
 
 def _finite(value: Any) -> Any:

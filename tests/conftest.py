@@ -14,6 +14,7 @@ that asks for it gets its own (one per module, not one per test). The live tests
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ from ophyd.sim import SynAxis
 
 from bluesky_analysis_store import DATA_ROOT_ENV, STORE_ENV, AnalysisStore, AnalysisStoreCallback
 from bluesky_analysis_store.sim import spot_camera
+
+# The suite makes stores by the hundred, each used for seconds: serving each from a server
+# process of its own (the default, made for stores opened again and again) would start one
+# per folder. Stores are served in the test's process (and its subprocesses'), except where
+# tests/test_local_server.py and the tests of the user-facing paths ask for the server.
+os.environ.setdefault("BLUESKY_ANALYSIS_STORE_SERVED", "0")
 
 # --- the session's store ------------------------------------------------------------------
 
