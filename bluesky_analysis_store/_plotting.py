@@ -240,6 +240,8 @@ class _Stream:
         from tiled.client.container import Container
 
         wanted = [k for k in dict.fromkeys(keys) if k not in self._read]
+        if not wanted:
+            return [self._read[k] for k in keys]
         by_table: dict[str, list[str]] = {}
         for key in wanted:
             if key in self._table_of:
@@ -247,6 +249,8 @@ class _Stream:
             else:
                 self._read[key] = np.asarray(self.array(key).read())
         for table_id, table_keys in by_table.items():
+            if self._table_of.get("seq_num") == table_id and "seq_num" not in table_keys:
+                table_keys.append("seq_num")  # every plot numbers its events: read it now
             table = Container.__getitem__(self._node.base, table_id)
             frame = table.read(columns=table_keys)
             for key in table_keys:
@@ -263,7 +267,7 @@ class _Stream:
 
 
 def _column_values(series: Any) -> np.ndarray:
-    """A table column as numpy values: pandas' string columns become ``str`` objects."""
+    """A table column as numpy values: pandas' string columns become numpy strings."""
     values = series.to_numpy()
     if values.dtype.kind == "O" and len(values) and isinstance(values[0], (str, bytes)):
         return values.astype(str if isinstance(values[0], str) else bytes)

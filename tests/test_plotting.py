@@ -92,8 +92,8 @@ def runs(engine: RunEngine, shared_store: AnalysisStore) -> dict[str, str]:
         for i, (seq_num, total) in enumerate(zip(PARENT_SEQ_NUMS, ROI_TOTALS, strict=True))
     ]
     child = shared_store.save(events, {"purpose": "plot test"}, parents=[raw], code=np.mean)
-    orphan = shared_store.save(
-        [{"primary": {"roi_total": 1.0, "parent_seq_num": 1}}],
+    orphan = shared_store.save(  # its second event names a raw event the scan did not take
+        [{"primary": {"roi_total": 1.0, "parent_seq_num": s}} for s in (1, POINTS + 4)],
         {"purpose": "orphan"},
         **PROVENANCE,
     )
@@ -209,6 +209,12 @@ def test_x_key_in_neither_run_lists_what_both_have(shared_store, runs):
 def test_x_key_when_the_parent_run_is_not_in_the_store(shared_store, runs):
     with pytest.raises(RunNotFoundError, match="not in the store"):
         make_figure(shared_store[runs["orphan"]], "roi_total", x_key="motor")
+
+
+def test_x_from_a_parent_given_names_the_raw_events_it_lacks(shared_store, runs):
+    orphan, raw = shared_store[runs["orphan"]], shared_store[runs["raw"]]
+    with pytest.raises(PlotError, match=rf"no event with seq_num \[{POINTS + 4}\]"):
+        make_figure(orphan, "roi_total", x_key="motor", parent=raw)
 
 
 def test_x_key_of_a_raw_run_without_it(shared_store, runs):
