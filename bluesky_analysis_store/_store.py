@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 STORE_ENV = "BLUESKY_ANALYSIS_STORE"
 """Environment variable naming the store: a folder, or the http(s) URI of a tiled server."""
 
+_UID_TEXT = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_MIN_UID_PREFIX = 5
 _CATALOG_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
 _CONFIG_FILE = "store.json"
 
@@ -506,7 +509,53 @@ class AnalysisStore:
         matches their start document (:attr:`ChildRun.verified`). ``unverified=True`` adds
         the runs that only claim ``parent_uid`` as a parent (documents given to the store
         directly, a start edited after it was saved, runs of versions before the seal).
+
+        ``parent_uid`` may be the first characters of a uid (at least 5), of a run of this
+        store or of a parent its runs name; :class:`RunNotFoundError` if it is neither.
         """
+        return self._children_of(self.resolve_parent_uid(parent_uid), unverified=unverified)
+
+    def resolve_parent_uid(self, text: str) -> str:
+        """The full uid that ``text`` (a uid, or its first characters) names: a run of this
+        store, else a parent named by runs of this store (it may live in another catalog).
+        :class:`RunNotFoundError` if none, :class:`AnalysisStoreError` if several match."""
+        from tiled.queries import Contains, Like
+
+        if not isinstance(text, str) or not _UID_TEXT.fullmatch(text):
+            raise RunNotFoundError(f"{text!r} is not a run uid (nor the start of one)")
+        if text in self.catalog:
+            return text
+        matches: set[str] = set()
+        if len(text) >= _MIN_UID_PREFIX:
+            # The catalog of an embedded store or of a tiled server is SQL: LIKE works.
+            found = self.catalog.search(Like("start.uid", f"{text}%")).keys().head(2)
+            matches.update(found)
+            if not matches:
+                # Contains is a substring match on the JSON text: prefixes checked here.
+                for run in self.catalog.search(Contains("start.parent_uids", text)).values():
+                    for uid in (run.metadata.get("start") or {}).get("parent_uids") or ():
+                        if isinstance(uid, str) and uid.startswith(text):
+                            matches.add(uid)
+        if text in matches:  # a whole uid, which others happen to begin with
+            return text
+        if len(matches) > 1:
+            raise AnalysisStoreError(
+                f"uid prefix {text!r} matches more than one run; give more characters"
+            )
+        if not matches:
+            if len(text) < _MIN_UID_PREFIX:
+                raise RunNotFoundError(
+                    f"no run {text!r} in the analysis store (a uid prefix needs at least "
+                    f"{_MIN_UID_PREFIX} characters)"
+                )
+            raise RunNotFoundError(
+                f"no run {text!r} in the analysis store, nor any run derived from it"
+            )
+        return matches.pop()
+
+    def _children_of(self, parent_uid: str, *, unverified: bool = False) -> list[ChildRun]:
+        """:meth:`children` of exactly ``parent_uid``, which need not be known here: an
+        empty list for a uid no run of this store names."""
         from tiled.queries import Contains
 
         from ._trust import is_sealed
@@ -609,7 +658,13 @@ def _served_context(folder: Path, readable_roots: Sequence[str]) -> Any:
 
     info = ensure_server(folder, readable_roots)
     # trust_env=False: a proxy from the environment has no business on localhost.
-    context = Context(info.uri, api_key=api_key(folder), trust_env=False)
+    context = Context(
+        info.uri,
+        api_key=api_key(folder),
+        # Compressing arrays to send them to this same machine only costs time.
+        headers={"accept-encoding": "identity"},
+        trust_env=False,
+    )
     wrap_transport(
         context.http_client, lambda inner: ServerTransport(inner, folder, readable_roots)
     )

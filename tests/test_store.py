@@ -198,7 +198,17 @@ def test_children_newest_first(shared_store: AnalysisStore) -> None:
 
     assert shared_store.children(parent) == [second, first]
     assert shared_store.children(other) == [of_other]
-    assert shared_store.children(str(uuid.uuid4())) == []
+    with pytest.raises(RunNotFoundError, match="nor any run derived from it"):
+        shared_store.children(str(uuid.uuid4()))
+    # The first characters of a uid will do: of a run here, or of a parent runs here name.
+    lone = str(uuid.uuid4())
+    lone_child = save_child(shared_store, lone, 4.0)
+    assert shared_store.children(lone[:8]) == [lone_child]
+    assert shared_store.children(lone_child[:8]) == []  # a run of the store: no children
+    with pytest.raises(RunNotFoundError, match="at least 5 characters"):
+        shared_store.children(parent[:3])
+    with pytest.raises(RunNotFoundError, match="not a run uid"):
+        shared_store.children("../etc")
     assert shared_store[second].start["time"] > shared_store[first].start["time"]
 
 
