@@ -488,6 +488,33 @@ class AnalysisStore:
         except KeyError:
             raise RunNotFoundError(f"no run {uid!r} in the analysis store") from None
 
+    def read(self, array: Any, slice: Any = ...) -> Any:
+        """The values of an array of this store, as a numpy array (``array[slice]``).
+
+        ``array`` is a tiled array client (``store[uid]["primary"]["profile"]``) or its path
+        (``f"{uid}/primary/profile"``). When its files are on this machine, inside the
+        folders the store may read, tiled's adapter reads them in this process, as fast as
+        reading the file itself; otherwise it is read through the catalog, as
+        ``array.read()`` does. The values are the same either way.
+        """
+        from ._local_reading import read_array
+
+        if isinstance(array, str):
+            path = array
+            try:
+                array = self.catalog[path]
+            except KeyError:
+                # An event stream's inline keys are columns of its table, which the run's
+                # client finds by name.
+                try:
+                    node = self.client
+                    for part in path.split("/"):
+                        node = node[part]
+                except KeyError:
+                    raise RunNotFoundError(f"no array {path!r} in the analysis store") from None
+                array = node
+        return read_array(array, self.readable_roots, slice)
+
     def __contains__(self, uid: object) -> bool:
         return isinstance(uid, str) and uid in self.catalog
 

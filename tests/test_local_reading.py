@@ -1,0 +1,74 @@
+"""store.read: an array read from its local files equals the catalog's read of it."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from bluesky_analysis_store import AnalysisStore, AssetLocationError, RunNotFoundError
+
+
+def _frames(count: int = 3) -> list[dict]:
+    rng = np.random.default_rng(7)
+    return [
+        {
+            "primary": {
+                "image": rng.random((6, 5)),
+                "counts": rng.integers(0, 1000, size=(4, 4)).astype(np.uint16),
+                "profile": rng.random(8).astype(np.float32),
+                "total": float(i),
+            }
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def saved(store: AnalysisStore) -> tuple[str, list[dict]]:
+    frames = _frames()
+    uid = store.save(
+        frames,
+        {"purpose": "local reading"},
+        {"image": "HDF5", "counts": "TIFF", "profile": "NPY"},
+        strict=False,
+    )
+    return uid, frames
+
+
+@pytest.mark.parametrize("key", ["image", "counts", "profile", "total"])
+def test_read_equals_the_catalogs_read_for_every_format(store, saved, key):
+    uid, frames = saved
+    expected = np.stack([frame["primary"][key] for frame in frames])
+    through_catalog = store[uid]["primary"][key].read()
+    by_path = store.read(f"{uid}/primary/{key}")
+    by_node = store.read(store[uid]["primary"][key])
+    for values in (through_catalog, by_path, by_node):
+        np.testing.assert_array_equal(values, expected)
+        assert values.dtype == expected.dtype
+    np.testing.assert_array_equal(store.read(f"{uid}/primary/{key}", slice(1, 3)), expected[1:3])
+
+
+def test_the_hdf5_file_is_read_directly(store, saved):
+    uid, frames = saved
+    (source,) = store.catalog[f"{uid}/primary/image"].include_data_sources().data_sources()
+    path = source.assets[0].data_uri.removeprefix("file://localhost")
+    with h5py.File(path, "r", swmr=True, locking=False) as file:
+        on_disk = file[source.parameters["dataset"]][()]
+    np.testing.assert_array_equal(store.read(f"{uid}/primary/image"), on_disk)
+    np.testing.assert_array_equal(
+        store.read(f"{uid}/primary/image", (2, slice(0, 3))), on_disk[2, :3]
+    )
+
+
+def test_a_file_outside_the_readers_folders_is_refused(store, saved):
+    uid, _ = saved
+    narrow = AnalysisStore(store.client, readable_roots=[store.asset_root + "-elsewhere"])
+    with pytest.raises(AssetLocationError, match="outside the folders this store may read"):
+        narrow.read(f"{uid}/primary/image")
+
+
+def test_an_unknown_path_is_not_found(store, saved):
+    uid, _ = saved
+    with pytest.raises(RunNotFoundError):
+        store.read(f"{uid}/primary/nothing")
