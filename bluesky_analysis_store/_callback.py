@@ -99,7 +99,7 @@ class AnalysisStoreCallback:
     logger, e.g. ``derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c): 21 events reduced, 0
     failed; saved in ./analysis-store``; ``FAILED`` (every event failed), ``PARTLY FAILED``,
     ``NOT SAVED`` or ``LOST`` when it is not a success, logged at WARNING or ERROR then. The
-    logger is set to INFO (unless a level was set for it) and prints to ``sys.stdout``
+    logger is set to INFO (unless a level was set for it) and prints to ``sys.stderr``
     while no logging handler of the session would show it. ``RE(plan)`` after
     :meth:`subscribe` returns after that line, and after the live subscribers were handed
     the whole child run.

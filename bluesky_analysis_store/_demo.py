@@ -44,7 +44,10 @@ def run_demo(
     camera = spot_camera(motor, raw_folder)
     RE = RunEngine({})  # noqa: N806 - the name every bluesky user knows
     RE.subscribe(store)  # the raw run goes into the same catalog, beside its child
-    analysis = AnalysisStoreCallback([spot_statistics], store, md={"purpose": "demo"})
+    # summary=False: the demo prints its own account of the reduction, on ``out``.
+    analysis = AnalysisStoreCallback(
+        [spot_statistics], store, md={"purpose": "demo"}, summary=False
+    )
     RE.subscribe(analysis)
 
     print(f"scanning the motor over {points} points, reducing each frame live...", file=out)

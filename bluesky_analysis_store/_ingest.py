@@ -160,8 +160,7 @@ def ingest(
     :class:`DataKeyError` when names clash.
     """
     formats[writer]  # an unknown format is refused before any file is read
-    if not isinstance(stream, str) or not _STREAM_NAME.match(stream):
-        raise IngestError(f"stream name {stream!r} must be a non-empty string without '/' or '.'")
+    check_ingest_stream(stream)
     inputs = _resolve_inputs(paths)
     frame_files: list[_FrameFile] = []
     tables: list[_Table] = []
@@ -202,7 +201,7 @@ def _resolve_inputs(
             raise IngestError(f"a path to ingest must be a str or os.PathLike, not {item!r}")
         text = os.fspath(item)
         file_part, separator, dataset = text.partition(DATASET_SEPARATOR)
-        path = os.path.abspath(file_part)
+        path = expand_input_path(file_part)
         if not os.path.exists(path):
             raise IngestError(f"cannot ingest {path!r}: no such file or folder")
         if os.path.isdir(path):
@@ -221,6 +220,21 @@ def _resolve_inputs(
         else:
             _add_input(inputs, path, None)
     return list(inputs.values())
+
+
+def check_ingest_stream(stream: object) -> None:
+    """Refuse a stream name that cannot name a stream (:class:`IngestError`)."""
+    if not isinstance(stream, str) or not _STREAM_NAME.match(stream):
+        raise IngestError(f"stream name {stream!r} must be a non-empty string without '/' or '.'")
+
+
+def expand_input_path(text: str) -> str:
+    """The absolute path ``text`` names, with ``~`` and ``~user`` expanded, and ``$VAR`` /
+    ``${VAR}`` too, unless a file of that very name exists (a name may hold a ``$``)."""
+    path = os.path.expanduser(text)
+    if "$" in path and not os.path.exists(path):
+        path = os.path.expandvars(path)
+    return os.path.abspath(path)
 
 
 def _kind_of(path: str) -> FileKind:

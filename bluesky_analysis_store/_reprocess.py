@@ -13,6 +13,7 @@ from typing import Any
 from ._delivery import save_documents
 from ._errors import AnalysisStoreError, ProvenanceError, RunNotFoundError
 from ._provenance import code_identity
+from ._reducers import FunctionReducer
 from ._reduction import ReductionPlan, RunReduction
 from ._replay import count_events, replay_run, stop_document
 from ._store import ChildRun
@@ -43,6 +44,11 @@ class ReprocessReport:
     not_counted: dict[str, dict[str, str]] = field(default_factory=dict)
     """raw uid -> {earlier child uid: its status}: children made by the same code that do
     not count as a reduction (incomplete, failed, or with failed events)"""
+    reductions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """raw uid -> the reduction record of its new child, as its stop keeps it
+    (``events_reduced``, ``events_failed``, ``failures``)"""
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    """raw uid -> the error that kept it from being reduced (no child run was saved)"""
 
     def __str__(self) -> str:
         lines = [
@@ -101,6 +107,23 @@ def _refuse_derived(run: Any, raw_uid: str) -> None:
             f"run {raw_uid} is a derived run (its start names parent_uids or provenance), "
             "not raw data; reprocess(..., derived=True) (--derived) reduces it anyway, as "
             "the parent of a new child"
+        )
+
+
+def _refuse_missing_streams(run: Any, raw_uid: str, plan: ReductionPlan) -> None:
+    """A function reducer given only streams the run does not have would make a child with
+    no events that looks like a success: refused, naming the streams the run has."""
+    wanted = {
+        stream
+        for reducer in plan.reducers
+        if isinstance(reducer, FunctionReducer)
+        for stream in reducer.streams
+    }
+    present = set(run)
+    if wanted and present and not wanted & present:
+        raise AnalysisStoreError(
+            f"run {raw_uid} has no stream {', '.join(map(repr, sorted(wanted)))}; its streams "
+            f"are {', '.join(map(repr, sorted(present)))}: choose them with streams=[...]"
         )
 
 
@@ -179,9 +202,15 @@ def reprocess(
             )
         except Exception as error:
             report.failed[raw_uid] = f"{type(error).__name__}: {error}"
+            report.errors[raw_uid] = error
             logger.error("run %s not reprocessed: %s", raw_uid, error)
             continue
         child_uid = reduction.child_uid or ""
+        report.reductions[raw_uid] = {
+            "events_reduced": reduction.events_reduced,
+            "events_failed": reduction.events_failed,
+            "failures": list(reduction.failures),
+        }
         if reduction.events_failed and not reduction.events_reduced:
             first = reduction.failures[0]["error"] if reduction.failures else "unknown"
             report.failed[raw_uid] = (
@@ -213,6 +242,7 @@ def _reprocess_one(
         raise RunNotFoundError(f"no run {raw_uid!r} in the source catalog") from None
     if not derived:
         _refuse_derived(run, raw_uid)
+    _refuse_missing_streams(run, raw_uid, plan)
     complete = stop_document(run) is not None
     documents: list[tuple[str, dict[str, Any]]] = []
     reduction = RunReduction(plan, lambda name, doc: documents.append((name, doc)))

@@ -31,7 +31,8 @@ _IDENTITY_FIELDS = ("version", "commit", "dirty", "sha256")
 _READ_BYTES = 64 << 20
 _TABLE_COLUMNS = frozenset({"seq_num", "time"})
 
-Verdict = Literal["identical", "within tolerance", "differ", "not compared"]
+Verdict = Literal["identical", "within tolerance", "differ", "not compared", "nothing compared"]
+KeyVerdict = Literal["identical", "within tolerance", "differ", "not compared"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,23 @@ class Difference:
         if self.seq_num is not None:
             where += f", event seq_num {self.seq_num}"
         return f"{where}: {self.detail}"
+
+
+@dataclass
+class KeyComparison:
+    """How one key of one stream compared, over every event of the re-run."""
+
+    verdict: KeyVerdict = "identical"
+    events: int = 0
+    """Events whose values of this key were compared."""
+    detail: str | None = None
+    """Where it first differed, or why it could not be compared."""
+
+    def note(self, verdict: KeyVerdict, detail: str) -> None:
+        """Record a worse verdict than the one so far (the first detail of each is kept)."""
+        order = ("identical", "within tolerance", "not compared", "differ")
+        if order.index(verdict) > order.index(self.verdict):
+            self.verdict, self.detail = verdict, detail
 
 
 @dataclass
@@ -76,9 +94,24 @@ class ReproduceReport:
     """Where the values differ most while within tolerance."""
     code_loaded: list[str] = field(default_factory=list)
     """Which code ran for each code record: installed, or recorded (and its hash checked)."""
+    keys: dict[str, dict[str, KeyComparison]] = field(default_factory=dict)
+    """stream -> key -> how that key compared (every key of the saved child and of the
+    re-run)."""
+    events_saved: int = 0
+    """Events the saved child holds, over all its streams."""
+    events_failed_saved: int = 0
+    """Events that failed when the child was made (its stop's reduction record)."""
+    events_failed: int = 0
+    """Events on which the re-run failed."""
+    first_failure: str | None = None
+    """The re-run's first failure: where, in which reducer, and the error."""
+    first_failure_at: tuple[str, int | None] | None = field(default=None, repr=False)
 
     @property
     def reproduced(self) -> bool:
+        """Files and code unchanged and the values equal (within the tolerances); a child
+        with parents of which no value could be compared (every event failed, or it has no
+        events) is not reproduced: nothing was."""
         return (
             not self.file_changes
             and not self.code_changes
@@ -87,23 +120,55 @@ class ReproduceReport:
 
     def __str__(self) -> str:
         notes = [f"  incomplete: {note}" for note in self.incomplete]
+        comparison = self._comparison_lines()
         if self.identical:
             first = f"child run {self.child_uid} reproduced: {self.events_compared} events"
-            return "\n".join([first + " identical", *notes])
+            return "\n".join([first + " identical", *notes, *comparison])
         if self.reproduced:
             first = (
                 f"child run {self.child_uid} reproduced: {self.events_compared} events "
                 f"{self._verdict()}"
             )
-            return "\n".join([first, *notes])
-        lines = [f"child run {self.child_uid} NOT reproduced", *notes]
+            return "\n".join([first, *notes, *comparison])
+        nothing = ": nothing was compared" if self.values == "nothing compared" else ""
+        lines = [f"child run {self.child_uid} NOT reproduced{nothing}", *notes]
         lines += [f"  input file changed: {c}" for c in self.file_changes]
         lines += [f"  code changed: {c}" for c in self.code_changes]
-        if self.values != "not compared":
+        if self.values not in ("not compared", "nothing compared"):
             lines.append(f"  values: {self._verdict()}")
+        lines += comparison
         if self.difference is not None:
             lines.append(f"  first difference: {self.difference}")
         return "\n".join(lines)
+
+    def _comparison_lines(self) -> list[str]:
+        """What was compared: per stream, its events and which keys were identical, which
+        differed, which could not be compared; and the events that failed."""
+        if self.values == "not compared":
+            return []
+        lines = []
+        if self.values == "nothing compared":
+            saved = f"the saved child holds {self.events_saved} events"
+            if self.events_failed_saved:
+                saved += f"; {self.events_failed_saved} failed when it was made"
+            lines.append(f"  {saved}")
+        for stream, keys in sorted(self.keys.items()):
+            events = max((c.events for c in keys.values()), default=0)
+            lines.append(f"  stream {stream!r}: {events} events compared, {len(keys)} keys")
+            for verdict in ("identical", "within tolerance", "differ", "not compared"):
+                named = [
+                    key + (f" ({c.detail})" if c.detail and verdict != "identical" else "")
+                    for key, c in sorted(keys.items())
+                    if c.verdict == verdict
+                ]
+                if named:
+                    lines.append(f"    {verdict}: {', '.join(named)}")
+        if self.events_failed:
+            lines.append(
+                f"  the re-run failed on {self.events_failed} events (the child records "
+                f"{self.events_failed_saved} failed); first: {self.first_failure}"
+            )
+        return lines
 
     def _verdict(self) -> str:
         if self.values == "within tolerance":
@@ -264,6 +329,9 @@ def reproduce(
     if not provenance:
         raise ProvenanceError(f"run {child_uid} has no provenance record")
     report = ReproduceReport(child_uid, rtol=float(rtol), atol=float(atol))
+    saved_reduction = (stop_document(child) or {}).get("reduction") or {}
+    if isinstance(saved_reduction.get("events_failed"), int):
+        report.events_failed_saved = saved_reduction["events_failed"]
     if stop_document(child) is None:
         report.incomplete.append(
             f"child run {child_uid} has no stop document (interrupted?): compared as far as it goes"
@@ -309,6 +377,15 @@ def reproduce(
                     "re-run up to its last saved event"
                 )
             _rerun(raw, child, plan, comparison, report, progress, tqdm)
+        if report.events_failed != report.events_failed_saved and report.difference is None:
+            stream, seq_num = report.first_failure_at or ("?", None)
+            failed = f"the re-run failed on {report.events_failed} events, the child records "
+            report.difference = Difference(
+                stream,
+                None,
+                seq_num,
+                failed + f"{report.events_failed_saved}; first: {report.first_failure}",
+            )
         comparison.check_counts()
         report.values = comparison.verdict()
     report.identical = (
@@ -369,7 +446,9 @@ class _SavedStream:
 
 
 class _Comparison:
-    """A sink for the re-run's documents that compares each event with the saved child."""
+    """A sink for the re-run's documents that compares each event with the saved child,
+    key by key, over every event: the report's ``difference`` is the first place they
+    disagree, its ``keys`` how each key compared."""
 
     def __init__(self, child: Any, report: ReproduceReport, *, rtol: float, atol: float) -> None:
         self._child = child
@@ -381,59 +460,83 @@ class _Comparison:
         self._descriptor_streams: dict[str, str] = {}
         self._largest = (0.0, "")
         self.counts: dict[str, int] = {}
+        report.events_saved = sum(self._lengths.values())
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         if name == "descriptor":
             self._descriptor_streams[doc["uid"]] = doc["name"]
-        elif name == "event" and self._report.difference is None:
+        elif name == "event":
             self._compare(self._descriptor_streams[doc["descriptor"]], doc)
 
     def _differ(self, stream: str, key: str | None, seq_num: int | None, detail: str) -> None:
-        self._report.difference = Difference(stream, key, seq_num, detail)
+        if self._report.difference is None:
+            self._report.difference = Difference(stream, key, seq_num, detail)
+
+    def _key(self, stream: str, key: str) -> KeyComparison:
+        return self._report.keys.setdefault(stream, {}).setdefault(key, KeyComparison())
+
+    def _not_compared(self, stream: str, keys: Any, why: str) -> None:
+        for key in keys:
+            self._key(stream, key).note("not compared", why)
 
     def _compare(self, stream: str, event: dict[str, Any]) -> None:
         seq_num = event["seq_num"]
         self.counts[stream] = self.counts.get(stream, 0) + 1
-        self._report.events_compared += 1
         if stream not in self._streams:
+            self._not_compared(stream, event["data"], "the saved child has no such stream")
             return self._differ(stream, None, seq_num, "the saved child run has no such stream")
         rows = self._lengths[stream]
         if seq_num > rows:  # first: an interrupted child's stream may not even have columns
-            return self._differ(stream, None, seq_num, f"the saved stream has only {rows} events")
+            why = f"the saved stream has only {rows} events"
+            self._not_compared(stream, event["data"], why)
+            return self._differ(stream, None, seq_num, why)
         if stream not in self._saved:
             self._saved[stream] = _SavedStream(self._child[stream])
+            for key in self._saved[stream].keys:
+                self._key(stream, key)
         saved_stream = self._saved[stream]
-        if saved_stream.keys != set(event["data"]):
-            return self._differ(
+        fresh_keys = set(event["data"])
+        if saved_stream.keys != fresh_keys:
+            self._not_compared(stream, fresh_keys - saved_stream.keys, "not in the saved child")
+            self._not_compared(stream, saved_stream.keys - fresh_keys, "the re-run made none")
+            self._differ(
                 stream,
                 None,
                 seq_num,
-                f"keys differ: saved {sorted(saved_stream.keys)}, re-run {sorted(event['data'])}",
+                f"keys differ: saved {sorted(saved_stream.keys)}, re-run {sorted(fresh_keys)}",
             )
-        for key, value in event["data"].items():
+        self._report.events_compared += 1
+        for key in [k for k in event["data"] if k in saved_stream.keys]:  # the event's order
+            comparison = self._key(stream, key)
+            comparison.events += 1
             saved = saved_stream.value(key, seq_num - 1)
-            fresh = np.asarray(value)
+            fresh = np.asarray(event["data"][key])
             detail, deviation = _array_difference(saved, fresh, self._rtol, self._atol)
             if detail:
-                return self._differ(stream, key, seq_num, detail)
-            if deviation is not None and deviation[0] > self._largest[0]:
-                where = f"stream {stream!r}, key {key!r}, event seq_num {seq_num}"
-                self._largest = (deviation[0], f"{where}: {deviation[1]}")
+                comparison.note("differ", f"first at seq_num {seq_num}")
+                self._differ(stream, key, seq_num, detail)
+            elif deviation is not None:
+                comparison.note("within tolerance", deviation[1])
+                if deviation[0] > self._largest[0]:
+                    where = f"stream {stream!r}, key {key!r}, event seq_num {seq_num}"
+                    self._largest = (deviation[0], f"{where}: {deviation[1]}")
         return None
 
     def check_counts(self) -> None:
-        if self._report.difference is not None:
-            return
         for stream in sorted(self._streams):
             saved = self._lengths[stream]
             fresh = self.counts.get(stream, 0)
             if saved != fresh:
                 self._differ(stream, None, None, f"saved {saved} events, re-run made {fresh}")
-                return
+                if stream not in self._saved and saved:  # its keys were never reached
+                    keys = _SavedStream(self._child[stream]).keys
+                    self._not_compared(stream, keys, "the re-run made no event of this stream")
 
     def verdict(self) -> Verdict:
         if self._report.difference is not None:
             return "differ"
+        if not self._report.events_compared:
+            return "nothing compared"
         if self._largest[1]:
             self._report.largest_deviation = self._largest[1]
             return "within tolerance"
@@ -496,15 +599,14 @@ def _rerun(
             reduction(name, doc)
             if name == "event":
                 bar.update()
-    if failures := [f for f in reduction.failures if "seq_num" in f]:
-        saved_failed = (stop_document(child) or {}).get("reduction", {}).get("events_failed", 0)
-        if len(failures) != saved_failed and report.difference is None:
-            first = failures[0]
-            report.difference = Difference(
-                first.get("stream", "?"),
-                None,
-                first.get("seq_num"),
-                f"the re-run failed: {first['error']}",
-            )
+    report.events_failed += reduction.events_failed
+    failures = [f for f in reduction.failures if "seq_num" in f]
+    if failures and report.first_failure is None:
+        first = failures[0]
+        report.first_failure = (
+            f"stream {first.get('stream', '?')!r}, event seq_num {first.get('seq_num')}, "
+            f"while {first.get('stage', '?')}: {first['error']}"
+        )
+        report.first_failure_at = (first.get("stream", "?"), first.get("seq_num"))
     if report.difference is None and not reduction.done:
         raise AnalysisStoreError("the re-run did not complete")

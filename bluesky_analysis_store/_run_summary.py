@@ -9,8 +9,9 @@ the run yet, ERROR when all failed or the child run is missing. The words ``FAIL
 ``LOST`` and ``NOT SAVED`` mark a failure at a glance.
 
 A session without any logging set up shows nothing below WARNING, so :func:`show_summaries`
-gives that logger a handler that prints to ``sys.stdout`` for as long as no other handler
-would show its records (one configured later takes over: no line is shown twice).
+gives that logger a handler that prints to ``sys.stderr`` (where log records go, leaving a
+script's output alone) for as long as no other handler would show its records (one
+configured later takes over: no line is shown twice).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def summary_line(outcome: ReductionOutcome) -> tuple[int, str]:
         level = max(level, logging.WARNING)
         verdict += f" (exit status {outcome.exit_status})"
     if outcome.saved:
-        where = f"saved in {outcome.store}"
+        where = f"saved in {outcome.store or 'the analysis store'}"
     else:
         level = max(level, logging.WARNING)
         where = (
@@ -81,16 +82,16 @@ def lost_line(raw_uid: str, scan_id: int | None, why: str) -> str:
     return f"derived run{scan} (raw {raw_uid[:8]}) LOST: {why}"
 
 
-class _StdoutFallback(logging.Handler):
-    """Prints a record to the current ``sys.stdout`` (IPython and pytest replace it) unless
+class _StderrFallback(logging.Handler):
+    """Prints a record to the current ``sys.stderr`` (IPython and pytest replace it) unless
     a handler further up the logger tree shows it already."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if _shown_elsewhere(logging.getLogger(record.name), self):
             return
         try:
-            sys.stdout.write(self.format(record) + "\n")
-            sys.stdout.flush()
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
         except Exception:
             self.handleError(record)
 
@@ -108,11 +109,11 @@ def _shown_elsewhere(logger: logging.Logger, fallback: logging.Handler) -> bool:
 
 def show_summaries(name: str = SUMMARY_LOGGER) -> None:
     """Make the summary lines visible: their logger at INFO unless a level was set for it,
-    and the stdout fallback handler (once)."""
+    and the stderr fallback handler (once)."""
     logger = logging.getLogger(name)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
-    if not any(isinstance(handler, _StdoutFallback) for handler in logger.handlers):
-        handler = _StdoutFallback()
+    if not any(isinstance(handler, _StderrFallback) for handler in logger.handlers):
+        handler = _StderrFallback()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

@@ -439,7 +439,7 @@ class ProcessWorker(ClosesOnce):
             return
         lost = self.runs.abandon() if process is self._process else ()
         status = _exit_status(code)
-        self._tell_lost(lost, f"the analysis worker process ended ({status})")
+        self._tell_lost(lost, f"the analysis worker it was given to is gone ({status})")
         if self._closing.is_set():
             logger.error("the analysis worker process ended while closing (%s)", status)
             return

@@ -416,3 +416,43 @@ def test_refused_input_does_not_even_open_the_default_store(isolated_env: Path) 
         ingest(isolated_env / "missing.npy")
 
     assert not Path(os.environ[STORE_ENV]).exists()
+
+
+# --- paths as a shell user types them -------------------------------------------------------
+
+
+def test_home_and_environment_variables_in_paths_are_expanded(
+    store: AnalysisStore, reopened: AnalysisStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / "beamtime").mkdir(parents=True)
+    path = home / "beamtime" / "frame.npy"
+    np.save(path, np.arange(6, dtype=np.uint16).reshape(2, 3))
+    with h5py.File(home / "beamtime" / "scan.h5", "w") as file:
+        file["entry/data"] = np.zeros((2, 2, 2), dtype=np.float32)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("BEAMTIME", str(home / "beamtime"))
+
+    from_home = ingest("~/beamtime/frame.npy", {"sample": "home"}, store)
+    from_braces = ingest(["${BEAMTIME}/frame.npy"], None, store)
+    from_variable = ingest("$BEAMTIME/scan.h5::/entry/data", None, store)
+
+    assert_input_files(reopened[from_home], [path])
+    assert_input_files(reopened[from_braces], [path])
+    assert_input_files(reopened[from_variable], [home / "beamtime" / "scan.h5"])
+    assert reopened[from_variable]["primary"]["data"].shape == (2, 2, 2)
+
+
+def test_a_file_named_with_a_dollar_is_taken_as_named(
+    store: AnalysisStore, reopened: AnalysisStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRICE", "elsewhere")
+    path = tmp_path / "$PRICE.npy"
+    np.save(path, np.ones((2, 2)))
+    uid = ingest(str(path), None, store)
+    assert_input_files(reopened[uid], [path])
+
+
+def test_an_unset_variable_is_reported_as_typed(store: AnalysisStore, tmp_path: Path) -> None:
+    with pytest.raises(IngestError, match=r"NO_SUCH_VARIABLE_HERE/frame\.npy.*no such file"):
+        ingest("$NO_SUCH_VARIABLE_HERE/frame.npy", None, store)

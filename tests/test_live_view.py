@@ -1,3 +1,4 @@
+# ruff: noqa: N803 - ``RE`` is the name every bluesky user knows
 """Live view in the session: child runs re-emitted to local subscribers, one summary per scan.
 
 One callback per background mode serves the whole module (a worker process takes seconds to
@@ -24,7 +25,13 @@ from bluesky.plans import scan
 from ophyd.sim import SynAxis, SynGauss
 
 from bluesky_analysis_store import AnalysisStore, AnalysisStoreCallback, AnalysisStoreError
-from bluesky_analysis_store._run_summary import SUMMARY_LOGGER, show_summaries
+from bluesky_analysis_store._run_summary import (
+    SUMMARY_LOGGER,
+    ReductionOutcome,
+    lost_line,
+    show_summaries,
+    summary_line,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,7 +79,7 @@ def det(motor: SynAxis) -> SynGauss:
 
 @pytest.fixture
 def live(
-    RE: RunEngine,  # noqa: N803
+    RE: RunEngine,
     callbacks: dict[str, AnalysisStoreCallback],
     mode: str,
 ) -> Iterator[AnalysisStoreCallback]:
@@ -116,7 +123,7 @@ def test_a_subscriber_sees_derived_events_during_the_scan_with_the_parent_motor(
     store,
     det,
     motor,
-    mode,  # noqa: N803
+    mode,
 ):
     recorder = Recorder()
     live.subscribe(recorder)
@@ -161,7 +168,7 @@ def test_a_live_plot_draws_a_derived_value_against_the_parent_motor(
     store,
     det,
     motor,
-    mode,  # noqa: N803
+    mode,
 ):
     fig, ax = plt.subplots()
     try:
@@ -190,7 +197,7 @@ def test_best_effort_callback_tables_derived_values_against_the_motor(
     det,
     motor,
     mode,
-    capsys,  # noqa: N803
+    capsys,
 ):
     bec = BestEffortCallback()
     bec.disable_plots()
@@ -213,7 +220,7 @@ def test_a_raising_subscriber_breaks_neither_the_scan_nor_the_other_subscribers(
     det,
     motor,
     mode,
-    caplog,  # noqa: N803
+    caplog,
 ):
     calls: list[str] = []
 
@@ -242,7 +249,7 @@ def test_an_unsubscribed_subscriber_gets_no_more_documents(
     live,
     det,
     motor,
-    mode,  # noqa: N803
+    mode,
 ):
     recorder = Recorder()
     token = live.subscribe(recorder)
@@ -288,7 +295,7 @@ def test_one_summary_line_per_scan_with_its_true_counts(
     det,
     motor,
     mode,
-    caplog,  # noqa: N803
+    caplog,
 ):
     from ophyd.sim import det1  # a detector the reducer cannot use: every event fails
 
@@ -317,7 +324,7 @@ def test_one_summary_line_per_scan_with_its_true_counts(
     assert store[failed_child].stop["reduction"]["events_failed"] == 3
 
 
-def test_no_summary_line_with_summary_off(RE, store, det, motor, caplog):  # noqa: N803
+def test_no_summary_line_with_summary_off(RE, store, det, motor, caplog):
     callback = AnalysisStoreCallback([scaled], store, background=False, summary=False)
     try:
         callback.subscribe(RE)
@@ -329,7 +336,7 @@ def test_no_summary_line_with_summary_off(RE, store, det, motor, caplog):  # noq
         callback.close(timeout=60)
 
 
-def test_the_summary_prints_to_stdout_only_while_no_handler_would_show_it(capsys):
+def test_the_summary_prints_to_stderr_only_while_no_handler_would_show_it(capsys):
     parent = logging.getLogger("test_live_view_fallback")
     parent.propagate = False  # a logger tree with no handler at all, as in a bare session
     name = "test_live_view_fallback.summary"
@@ -338,15 +345,87 @@ def test_the_summary_prints_to_stdout_only_while_no_handler_would_show_it(capsys
     summary = logging.getLogger(name)
     try:
         summary.info("derived run 1 of scan 2")
-        assert capsys.readouterr().out == "derived run 1 of scan 2\n"
+        assert capsys.readouterr().err == "derived run 1 of scan 2\n"
 
         shown: list[str] = []
         handler = logging.Handler()
         handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
         parent.addHandler(handler)  # the user configured logging: that handler shows it
         summary.info("derived run 3 of scan 4")
-        assert capsys.readouterr().out == ""
+        assert capsys.readouterr().err == ""
         assert shown == ["derived run 3 of scan 4"]
     finally:
         parent.handlers.clear()
         summary.handlers.clear()
+
+
+def outcome(**changes: Any) -> ReductionOutcome:
+    fields = {
+        "raw_uid": "9f8e7d6c-0000",
+        "child_uid": "1a2b3c4d-0000",
+        "scan_id": 12,
+        "events_reduced": 21,
+        "events_failed": 0,
+        "exit_status": "success",
+        "saved": True,
+        "store": "/data/analysis-store",
+    }
+    return ReductionOutcome(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "level", "text"),
+    [
+        (
+            {},
+            logging.INFO,
+            "derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c): 21 events reduced, 0 failed; "
+            "saved in /data/analysis-store",
+        ),
+        (
+            {"events_reduced": 20, "events_failed": 1},
+            logging.WARNING,
+            "derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c) PARTLY FAILED: 20 events reduced, "
+            "1 failed; saved in /data/analysis-store",
+        ),
+        (
+            {"events_reduced": 0, "events_failed": 21, "scan_id": None},
+            logging.ERROR,
+            "derived run 1a2b3c4d (raw 9f8e7d6c) FAILED: 0 events reduced, 21 failed; "
+            "saved in /data/analysis-store",
+        ),
+        (
+            {"exit_status": "abort", "events_reduced": 3},
+            logging.WARNING,
+            "derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c) (exit status abort): 3 events "
+            "reduced, 0 failed; saved in /data/analysis-store",
+        ),
+        (
+            {"exit_status": None},
+            logging.ERROR,
+            "derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c) INCOMPLETE (no stop): 21 events "
+            "reduced, 0 failed; saved in /data/analysis-store",
+        ),
+        (
+            {"saved": False, "journal": "/j/1a2b.journal"},
+            logging.WARNING,
+            "derived run 1a2b3c4d of scan 12 (raw 9f8e7d6c): 21 events reduced, 0 failed; "
+            "NOT SAVED yet: kept in the journal /j/1a2b.journal (the store did not take it; "
+            "it is delivered again automatically, or with `bluesky-analysis-store recover`)",
+        ),
+        (
+            {"child_uid": None, "events_reduced": 0},
+            logging.ERROR,
+            "no derived run of scan 12 (raw 9f8e7d6c): FAILED, it could not be started",
+        ),
+    ],
+    ids=["success", "partly-failed", "all-failed", "aborted", "no-stop", "journal", "none"],
+)
+def test_summary_line_wording_says_failure_where_there_is_one(changes, level, text):
+    assert summary_line(outcome(**changes)) == (level, text)
+
+
+def test_a_lost_run_reads_as_lost():
+    assert lost_line("9f8e7d6c-0000", 12, "the analysis worker process ended") == (
+        "derived run of scan 12 (raw 9f8e7d6c) LOST: the analysis worker process ended"
+    )

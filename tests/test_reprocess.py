@@ -22,7 +22,7 @@ from bluesky.plans import count  # noqa: E402
 from _helpers import assert_same_array  # noqa: E402
 from _live import dark_then_positions  # noqa: E402
 from _offline_reducers import frame_peak, row_sums, scaled_total  # noqa: E402
-from bluesky_analysis_store import AnalysisStore, reprocess  # noqa: E402
+from bluesky_analysis_store import AnalysisStore, AnalysisStoreError, reprocess  # noqa: E402
 from bluesky_analysis_store.example_reducers import (  # noqa: E402
     DarkSubtracted,
     normalise_and_sum,
@@ -406,12 +406,21 @@ def test_an_all_failed_child_is_reported_as_failed(RE, store, cam, reducer_check
     [child] = store.children(raw_uid)
     assert child == child_uid and child.all_failed and not child.succeeded
 
+    assert report.reductions[raw_uid]["events_failed"] == 3
+    assert [f["seq_num"] for f in report.reductions[raw_uid]["failures"]] == [1, 2, 3]
+
     capsys.readouterr()
     status = main(["--store", str(store.location), "reprocess", raw_uid,
                    "--reducer", f"{module.__name__}:broken"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert status == 1
-    assert f"FAILED {raw_uid}: every event failed" in out
+    assert f"FAILED {raw_uid}: every event failed (3 of 3)" in captured.out
+    # One summary line for the three failures, not a traceback per event.
+    assert (
+        "    failed at stream primary, seq_num 1-3 (3 events) while broken.event: "
+        "ValueError: broken on purpose\n"
+    ) in captured.out
+    assert "Traceback" not in captured.err and "broken on purpose" not in captured.err
     assert len(store.children(raw_uid)) == 2  # tried again: the failed one did not count
 
 
@@ -429,7 +438,9 @@ def test_a_derived_run_is_refused_as_raw_unless_asked(RE, store, cam, reducer_ch
     capsys.readouterr()
     status = main(["--store", str(store.location), "reprocess", child_uid,
                    "--reducer", f"{module.__name__}:from_total"])
-    assert status == 1 and "is a derived run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert status == 1 and "is a derived run" in out
+    assert "--derived reduces it anyway" in out and "derived=True" not in out  # what to type
     assert len(store) == runs  # nothing was saved
 
     allowed = reprocess(store, child_uid, [module.from_total], store, progress=False,
@@ -445,3 +456,30 @@ def test_a_derived_run_is_refused_as_raw_unless_asked(RE, store, cam, reducer_ch
     status = main(["--store", str(store.location), "reprocess", child_uid, "--derived",
                    "--force", "--reducer", f"{module.__name__}:from_total"])
     assert status == 0 and len(store.children(child_uid)) == 2
+
+    # Reduced as if it were raw data, with a reducer that fails on each of its events: one
+    # summary of the failures and exit status 1, not a traceback per event and "1 saved".
+    capsys.readouterr()
+    status = main(["--store", str(store.location), "reprocess", child_uid, "--derived",
+                   "--reducer", f"{module.__name__}:broken"])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out.startswith("0 saved, 0 already reduced, 1 failed")
+    assert "seq_num 1-2 (2 events) while broken.event: ValueError" in captured.out
+    assert "Traceback" not in captured.err
+
+
+def test_a_run_without_the_streams_asked_for_is_refused(RE, store, cam):
+    (raw_uid,) = RE(count([cam], num=2))
+    runs = set(store.client)
+
+    report = reprocess(store, raw_uid, [scaled_total], store, streams=["no_such"], progress=False)
+
+    assert report.saved == {} and report.failed_children == {}
+    assert "has no stream 'no_such'; its streams are 'primary'" in report.failed[raw_uid]
+    assert isinstance(report.errors[raw_uid], AnalysisStoreError)
+    assert set(store.client) == runs  # no empty child that would look like a success
+    # A Reducer class sees every stream it is given: the streams asked for are not its.
+    dark = reprocess(
+        store, raw_uid, [DarkSubtracted(key="cam")], store, streams=["no_such"], progress=False
+    )
+    assert list(dark.saved) == [raw_uid]

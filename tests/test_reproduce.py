@@ -7,6 +7,7 @@ the code (in a git checkout of its own) or an ingested input file must be found 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pathlib
@@ -74,6 +75,16 @@ def test_a_live_child_run_is_reproduced_event_for_event(RE, store, cam, motor, m
     assert report.code_changes == [] and report.file_changes == []
     assert report.events_compared == 5 == sum(len(child[s]["seq_num"]) for s in child)
     assert "reproduced: 5 events identical" in str(report)
+    # What was compared, stream by stream and key by key.
+    assert {stream: sorted(keys) for stream, keys in report.keys.items()} == {
+        "primary": ["corrected", "corrected_total", "normalised", "parent_seq_num", "total"],
+        "summary": ["summed"],
+    }
+    assert all(c.verdict == "identical" for keys in report.keys.values() for c in keys.values())
+    assert "  stream 'primary': 4 events compared, 5 keys\n" in str(report)
+    assert "    identical: corrected, corrected_total, normalised, parent_seq_num, total" in str(
+        report
+    )
 
 
 def test_a_changed_raw_data_file_is_named_by_stream_key_and_seq_num(
@@ -98,6 +109,16 @@ def test_a_changed_raw_data_file_is_named_by_stream_key_and_seq_num(
     )
     assert "differ" in report.difference.detail
     assert "seq_num 3" in str(report) and "'normalised'" in str(report)
+    # Every key of every event is compared: which differ, and which are identical.
+    primary = report.keys["primary"]
+    assert (primary["normalised"].verdict, primary["normalised"].detail) == (
+        "differ",
+        "first at seq_num 3",
+    )
+    assert primary["parent_seq_num"].verdict == "identical"
+    assert primary["parent_seq_num"].events == len(POSITIONS)
+    assert "    differ: " in str(report) and "normalised (first at seq_num 3)" in str(report)
+    assert "    identical: " in str(report)
     assert report.file_changes == [] and report.code_changes == []
 
     # Putting the frame back makes the child reproducible again.
@@ -495,3 +516,28 @@ def test_crafted_code_records_are_refused_before_anything_runs(RE, store, cam, t
     assert report.identical is True, str(report)
     assert "its definition alone from" in report.code_loaded[0]
     assert not marks.exists()
+
+
+# --- a child on which every event failed: nothing was reproduced ---------------------------
+
+
+def test_an_all_failed_child_is_not_reproduced(RE, store, cam):  # noqa: N803
+    from _offline_reducers import scaled_total
+
+    (raw_uid,) = RE(count([cam], num=3))
+    no_such_key = functools.partial(scaled_total, key="no_such_key")
+    child_uid = reprocess(store, raw_uid, [no_such_key], store, progress=False).failed_children[
+        raw_uid
+    ]
+
+    report = reproduce(store, child_uid, progress=False)
+
+    assert report.values == "nothing compared"
+    assert (report.reproduced, report.identical, report.events_compared) == (False, False, 0)
+    assert (report.events_saved, report.events_failed_saved, report.events_failed) == (0, 3, 3)
+    assert report.difference is None  # it failed again the same way: not a difference
+    shown = str(report)
+    assert shown.startswith(f"child run {child_uid} NOT reproduced: nothing was compared")
+    assert "the saved child holds 0 events; 3 failed when it was made" in shown
+    assert "the re-run failed on 3 events (the child records 3 failed)" in shown
+    assert "scaled_total.event: KeyError: 'no_such_key'" in shown

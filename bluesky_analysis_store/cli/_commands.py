@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._exits import EXIT_FAILED, EXIT_OK, CommandError
+from .._errors import MetadataError
+from ._exits import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandError,
+    command_line_text,
+    error_text,
+    user_errors,
+)
 from ._opening import (
     find_parent_uid,
     find_run,
@@ -21,11 +31,72 @@ from ._opening import (
 from ._presenting import (
     print_json,
     print_show,
+    reprocess_lines,
     run_summary,
     show_record,
     store_header,
     summary_text,
 )
+
+# Loggers whose ERROR records are one per failed event or run: the command prints them once,
+# summarised, in its report (with --verbose they are logged one by one too).
+_SUMMARISED_LOGGERS = ("bluesky_analysis_store._reduction", "bluesky_analysis_store._reprocess")
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _failures_summarised(args: argparse.Namespace) -> Iterator[None]:
+    """While a reduction runs: its failures go into the report the command prints, not one
+    traceback per event on stderr, unless ``--verbose``."""
+    if getattr(args, "verbose", 0):
+        yield
+        return
+    quiet = _BelowError()
+    loggers = [logging.getLogger(name) for name in _SUMMARISED_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _about(option: str, *only: type[BaseException]) -> Iterator[None]:
+    """A user's mistake raised here (of the types ``only``, if given) is about ``option``
+    (``UID``, ``--reducer``): its one line names it first, so the user knows what to fix."""
+    try:
+        yield
+    except Exception as error:
+        if not isinstance(error, user_errors()) or (only and not isinstance(error, only)):
+            raise
+        raise CommandError(f"{option}: {error_text(error)}") from error
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    """``--source`` names a store that exists (it is never created)."""
+    source = getattr(args, "source", None)
+    if source is None or is_uri(source):
+        return
+    folder = os.path.abspath(os.path.expanduser(source))
+    if not os.path.isfile(os.path.join(folder, "catalog.db")):
+        what = "has no catalog.db" if os.path.isdir(folder) else "does not exist"
+        raise CommandError(f"--source: no analysis store at {folder}: the folder {what}")
+
+
+def _check_formats(names: Sequence[str], option: str) -> None:
+    """Format names are checked before a store is opened or a file is written."""
+    from ..formats import formats
+
+    with _about(option):
+        for name in names:
+            if name.lower() != "inline":
+                formats[name]
 
 
 def _md(pairs: Sequence[tuple[str, Any]] | None) -> dict[str, Any] | None:
@@ -46,7 +117,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = open_store(args)
     client = store.client
     if args.children:
-        parent_uid = find_parent_uid(store, args.children)
+        with _about("--children"):
+            parent_uid = find_parent_uid(store, args.children)
         uids = store.children(parent_uid)
         if args.limit:
             uids = uids[: args.limit]
@@ -70,7 +142,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
-    run = find_run(store.client, args.uid)
+    with _about("UID"):
+        run = find_run(store.client, args.uid)
     record = show_record(run_uid(run), run)
     if args.json:
         print_json(record)
@@ -106,44 +179,44 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     from .._provenance import resolve_code_name
     from .._reprocess import reprocess
 
-    reducers = [resolve_code_name(name) for name in args.reducer]  # before opening anything
+    with _about("--reducer"):
+        reducers = [resolve_code_name(name) for name in args.reducer]  # before opening anything
+    _check_formats([fmt for _, fmt in args.writer or []], "--writer")
+    _check_source(args)
     store = open_store(args, create=args.source is not None)
     source = open_source(args, store)
-    raw_uids = [run_uid(find_run(source.client, text)) for text in args.raw_uids]
-    report = reprocess(
-        source,
-        list(dict.fromkeys(raw_uids)),
-        reducers,
-        store,
-        streams=args.stream or ["primary"],
-        writers=dict(args.writer) if args.writer else None,
-        md=_md(args.md),
-        force=args.force,
-        derived=args.derived,
-    )
-    print(report)
-    for raw_uid, child_uid in report.saved.items():
-        print(f"  saved {raw_uid}: child run {child_uid}")
-    for raw_uid, child_uid in report.skipped.items():
-        print(f"  already reduced {raw_uid}: child run {child_uid} (use --force for another)")
-    for raw_uid, child_uid in report.failed_children.items():
-        print(f"  FAILED {raw_uid}: every event failed; child run {child_uid} records why")
+    with _about("RAW_UID"):
+        raw_uids = [run_uid(find_run(source.client, text)) for text in args.raw_uids]
+    with _failures_summarised(args), _about("--md", MetadataError):
+        report = reprocess(
+            source,
+            list(dict.fromkeys(raw_uids)),
+            reducers,
+            store,
+            streams=args.stream or ["primary"],
+            writers=dict(args.writer) if args.writer else None,
+            md=_md(args.md),
+            force=args.force,
+            derived=args.derived,
+        )
+    print("\n".join(reprocess_lines(report)))
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .._ingest import ingest
-    from ..formats import formats
+    from .._errors import DataValueError, IngestError
+    from .._ingest import DATASET_SEPARATOR, check_ingest_stream, expand_input_path, ingest
 
-    formats[args.writer]  # a typo must not leave a new, empty store behind
+    _check_formats([args.writer], "--writer")  # a typo must not leave a new, empty store
+    with _about("--stream"):
+        check_ingest_stream(args.stream)
     for path in args.paths:
-        file_part = path.partition("::")[0]
+        file_part = expand_input_path(path.partition(DATASET_SEPARATOR)[0])
         if not os.path.exists(file_part):
-            raise CommandError(
-                f"cannot ingest {os.path.abspath(file_part)!r}: no such file or folder"
-            )
+            raise CommandError(f"PATH: cannot ingest {file_part!r}: no such file or folder")
     store = open_store(args, create=True)
-    uid = ingest(args.paths, _md(args.md), store, stream=args.stream, writer=args.writer)
+    with _about("--md", MetadataError), _about("PATH", IngestError, DataValueError):
+        uid = ingest(args.paths, _md(args.md), store, stream=args.stream, writer=args.writer)
     print(uid)
     return EXIT_OK
 
@@ -151,18 +224,27 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .._reproduce import reproduce
 
+    _check_source(args)
     store = open_store(args)
-    child_uid = run_uid(find_run(store.client, args.child_uid))
+    with _about("CHILD_UID"):
+        child = find_run(store.client, args.child_uid)
+    child_uid = run_uid(child)
+    if not child.start.get("provenance"):
+        raise CommandError(
+            f"CHILD_UID: run {child_uid} has no provenance record: it is not a derived run, "
+            "there is nothing to reproduce"
+        )
     source = open_source(args, store)
-    report = reproduce(
-        store,
-        child_uid,
-        source,
-        trust_recorded_code=args.trust_recorded_code,
-        rtol=args.rtol,
-        atol=args.atol,
-    )
-    print(report)
+    with _failures_summarised(args):
+        report = reproduce(
+            store,
+            child_uid,
+            source,
+            trust_recorded_code=args.trust_recorded_code,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
+    print(command_line_text(str(report)))
     return EXIT_OK if report.reproduced else EXIT_FAILED
 
 

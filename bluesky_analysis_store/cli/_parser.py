@@ -211,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = add(
         "show",
-        "show one run: start metadata, provenance (parents, files, code, environment), "
-        "streams with their keys, shapes and dtypes",
+        "show one run: how it ended (a derived run's reduction record: events reduced and "
+        "failed, and which events failed in which reducer, with what error; a run on which "
+        "every event failed is shown FAILED), start metadata, provenance (parents, files, "
+        "code, environment), streams with their keys, shapes and dtypes",
         cmd_show,
     )
     show.add_argument("uid", metavar="UID", help="the run's uid, or its first 8+ characters")
@@ -274,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "child is redone, and so is one by an edited reducer, committed or not); a raw run "
         "without a stop document (interrupted, or still running) is reduced up to its last "
         "saved event, and its child is marked exit status fail; a run on which every event "
-        "fails is reported FAILED (exit status 1)",
+        "fails is reported FAILED with one summary of its failures, and so is a run that has "
+        "none of the streams given with --stream (exit status 1)",
         cmd_reprocess,
     )
     reprocess.add_argument(
@@ -354,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = add(
         "reproduce",
-        "re-run a child run's recorded code on its recorded inputs and compare value by value "
-        "(exit status 0: identical, 1: not, 2: error)",
+        "re-run a child run's recorded code on its recorded inputs and compare value by value; "
+        "says how many events and which keys were compared, which were identical, which "
+        "differed and which could not be compared (exit status 0: identical; 1: not, or "
+        "nothing to compare, as for a child on which every event failed; 2: error)",
         cmd_reproduce,
     )
     reproduce.add_argument(

@@ -15,12 +15,13 @@ from typing import Any
 
 from .._replay import stop_document, stream_lengths
 from .._store import ChildRun
+from ._exits import command_line_text, error_text
 from ._opening import MIN_UID_PREFIX
 
 _NOT_DATA_KEYS = frozenset({"seq_num", "time"})
 _TEXT_VALUE_WIDTH = 100
 _STATUS_REASON_WIDTH = 60
-_SHOWN_FAILURES = 3
+SHOWN_FAILURES = 10
 INCOMPLETE_TEXT = "no stop document: the run is incomplete (interrupted?)"
 
 
@@ -86,12 +87,29 @@ def _version_text(record: Mapping[str, Any]) -> str:
     return version + (" (dirty)" if record.get("dirty") else "")
 
 
+def failed_text(events_failed: int, events_reduced: int | None) -> str:
+    """How a child on which every event failed is described: never like a success."""
+    total = events_failed + (events_reduced or 0)
+    return f"FAILED: {events_failed} of {total} events failed"
+
+
+def _child(uid: str, start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> ChildRun:
+    return ChildRun.from_start(uid, start, stop)
+
+
 def _status(uid: str, start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> str:
     """How the run ended in a few words: ``success``, ``fail (reason)``, ``success, 2 of 5
-    events failed``, ``incomplete (no stop)``; a long reason is cut short."""
+    events failed``, ``FAILED: 5 of 5 events failed`` (the stop's exit status may say
+    success: the raw run ended well, but nothing was reduced), ``incomplete (no stop)``; a
+    long reason is cut short."""
     if stop and stop.get("reason"):
         stop = {**stop, "reason": _short(str(stop["reason"]), _STATUS_REASON_WIDTH)}
-    return ChildRun.from_start(uid, start, stop).status
+    child = _child(uid, start, stop)
+    if child.complete and child.all_failed:
+        assert child.events_failed is not None
+        text = failed_text(child.events_failed, child.events_reduced)
+        return text + (f" ({child.reason})" if child.reason else "")
+    return child.status
 
 
 def run_summary(uid: str, run: Any) -> dict[str, Any]:
@@ -115,6 +133,7 @@ def run_summary(uid: str, run: Any) -> dict[str, Any]:
         "code": _code_summaries(start),
         "complete": stop is not None,
         "status": _status(uid, start, stop),
+        "failed": _child(uid, start, stop).all_failed,
         "exit_status": stop.get("exit_status") if stop else None,
         "num_events": dict(stop.get("num_events") or {}) if stop else {},
     }
@@ -194,6 +213,8 @@ def show_record(uid: str, run: Any) -> dict[str, Any]:
         "kind": _kind(start),
         "time_iso": _iso_time(start.get("time")),
         "complete": stop is not None,
+        "status": _status(uid, start, stop),
+        "failed": _child(uid, start, stop).all_failed,
         "start": start,
         "provenance": start.get("provenance"),
         "stop": _plain(stop) if stop is not None else None,
@@ -251,6 +272,54 @@ def _print_provenance(provenance: Mapping[str, Any]) -> None:
         print(f"  MISSING: {gap}")
 
 
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``1-3, 7``: which events, in a few characters."""
+    parts: list[str] = []
+    ordered = sorted(set(numbers))
+    first = previous = ordered[0]
+    for number in [*ordered[1:], None]:
+        if number is not None and number == previous + 1:
+            previous = number
+            continue
+        parts.append(str(first) if first == previous else f"{first}-{previous}")
+        if number is not None:
+            first = previous = number
+    return ", ".join(parts)
+
+
+def failure_lines(reduction: Mapping[str, Any], limit: int = SHOWN_FAILURES) -> list[str]:
+    """The failures of a reduction record (``stop["reduction"]``), compactly: one line per
+    reducer stage, error and stream, with the events it struck (``failed at stream
+    primary, seq_num 1-5 (5 events) while spot.event: KeyError: 'cam'``); the first
+    ``limit`` such lines, then how many more."""
+    groups: dict[tuple[str, str, str | None], list[int | None]] = {}
+    for failure in reduction.get("failures") or []:
+        group = (
+            str(failure.get("stage", "?")),
+            str(failure.get("error", "?")),
+            failure.get("stream"),
+        )
+        groups.setdefault(group, []).append(failure.get("seq_num"))
+    lines = []
+    for (stage, error, stream), seq_nums in list(groups.items())[:limit]:
+        numbers = [n for n in seq_nums if isinstance(n, int)]
+        where = [f"stream {stream}"] if stream is not None else []
+        if numbers:
+            count = f" ({len(numbers)} events)" if len(numbers) > 1 else ""
+            where.append(f"seq_num {_ranges(numbers)}{count}")
+        at = f" at {', '.join(where)}" if where else ""
+        lines.append(f"failed{at} while {stage}: {_short(error)}")
+    if len(groups) > limit:
+        lines.append(f"... {len(groups) - limit} more kinds of failure recorded")
+    recorded = sum(
+        1 for failure in reduction.get("failures") or [] if failure.get("seq_num") is not None
+    )
+    failed = reduction.get("events_failed")
+    if isinstance(failed, int) and failed > recorded and recorded:
+        lines.append(f"... {failed - recorded} more failed events, not recorded one by one")
+    return lines
+
+
 def _print_reduction(reduction: Mapping[str, Any]) -> None:
     """The child's reduction record: its counts and its first failures."""
     counts = {
@@ -266,17 +335,8 @@ def _print_reduction(reduction: Mapping[str, Any]) -> None:
         f"  reduction: {counts['events_reduced']} events reduced, "
         f"{counts['events_failed']} failed" + (f" ({'; '.join(notes)})" if notes else "")
     )
-    failures = list(reduction.get("failures") or [])
-    for failure in failures[:_SHOWN_FAILURES]:
-        where = ", ".join(
-            f"{k} {failure[k]}" for k in ("stream", "seq_num") if failure.get(k) is not None
-        )
-        print(
-            f"    failed{' at ' + where if where else ''} while {failure.get('stage', '?')}: "
-            + _short(str(failure.get("error", "?")))
-        )
-    if len(failures) > _SHOWN_FAILURES:
-        print(f"    ... {len(failures) - _SHOWN_FAILURES} more failures recorded")
+    for line in failure_lines(reduction):
+        print(f"    {line}")
 
 
 def print_show(record: Mapping[str, Any]) -> None:
@@ -286,7 +346,13 @@ def print_show(record: Mapping[str, Any]) -> None:
     print(f"run {record['uid']} ({record['kind']})")
     print(f"  time: {_format_time(start.get('time'))}")
     if stop:
-        print(f"  exit status: {stop.get('exit_status')}")
+        if record["failed"]:  # nothing was reduced, whatever exit status the stop records
+            print(
+                f"  exit status: {record['status']} "
+                f"(the stop document's exit_status: {stop.get('exit_status')!r})"
+            )
+        else:
+            print(f"  exit status: {stop.get('exit_status')}")
         if stop.get("reason"):
             print(f"  reason: {stop['reason']}")
         if stop.get("reduction"):
@@ -315,3 +381,46 @@ def print_show(record: Mapping[str, Any]) -> None:
         for key, info in stream["keys"].items():
             shape = tuple(info["shape"]) if info["shape"] is not None else "?"
             print(f"    {key:<{width}}  shape {shape}  dtype {info['dtype']}")
+
+
+# --- reprocess ---------------------------------------------------------------------------------
+
+
+def _failure_counts(reduction: Mapping[str, Any]) -> str:
+    failed, reduced = reduction.get("events_failed") or 0, reduction.get("events_reduced") or 0
+    return f"{failed} of {failed + reduced} events failed"
+
+
+def reprocess_lines(report: Any) -> list[str]:
+    """What ``reprocess`` prints: the counts, then each raw run, and the failures of each new
+    child summarised (see :func:`failure_lines`), not one traceback per event."""
+    lines = [str(report).splitlines()[0]]
+    for raw_uid, child_uid in report.saved.items():
+        reduction = report.reductions.get(raw_uid) or {}
+        partly = f" ({_failure_counts(reduction)})" if reduction.get("events_failed") else ""
+        lines.append(f"  saved {raw_uid}: child run {child_uid}{partly}")
+        lines += [f"    {line}" for line in failure_lines(reduction)]
+    for raw_uid, child_uid in report.skipped.items():
+        lines.append(
+            f"  already reduced {raw_uid}: child run {child_uid} (use --force for another)"
+        )
+    for raw_uid, why in report.failed.items():
+        if raw_uid in report.failed_children:
+            reduction = report.reductions.get(raw_uid) or {}
+            failed = reduction.get("events_failed", "?")
+            lines.append(
+                f"  FAILED {raw_uid}: every event failed ({failed} of {failed}); "
+                f"child run {report.failed_children[raw_uid]} records why"
+            )
+            lines += [f"    {line}" for line in failure_lines(reduction)]
+        else:
+            error = report.errors.get(raw_uid)
+            text = error_text(error) if error is not None else command_line_text(why)
+            lines.append(f"  FAILED {raw_uid}: not reduced: {text}")
+    lines += [f"  incomplete raw run {uid}: {what}" for uid, what in report.incomplete.items()]
+    for raw_uid, children in report.not_counted.items():
+        lines += [
+            f"  earlier child {child_uid} of {raw_uid} is {status}: not counted as reduced"
+            for child_uid, status in children.items()
+        ]
+    return lines
