@@ -98,7 +98,7 @@ def _same_code_children(
     """The children of ``raw_uid`` this package wrote with the same code identity, newest
     first, each with its status (a child without a stop document is listed too). A run
     that only claims to be a child (unsealed) never counts."""
-    return [child for child in store.children(raw_uid) if child.identity == identity]
+    return [child for child in store._children_of(raw_uid) if child.identity == identity]
 
 
 def _refuse_derived(run: Any, raw_uid: str) -> None:
