@@ -14,6 +14,7 @@ that asks for it gets its own (one per module, not one per test). The live tests
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,6 +149,48 @@ def cam_shape() -> tuple[int, int]:
 def cam(motor: SynAxis, raw_folder: Path, cam_shape: tuple[int, int]) -> Any:
     """A spot camera whose frame follows ``motor``; its frames are NPY files in ``raw_folder``."""
     return spot_camera(motor, str(raw_folder), shape=cam_shape)
+
+
+@pytest.fixture(scope="module")
+def _module_callbacks() -> Iterator[dict[str, AnalysisStoreCallback]]:
+    made: dict[str, AnalysisStoreCallback] = {}
+    yield made
+    for callback in made.values():
+        callback.close(timeout=60)
+
+
+def _configuration(reducers: Any, kwargs: dict[str, Any]) -> str:
+    """What makes two callbacks alike: their reducers and every option, defaults included."""
+    bound = inspect.signature(AnalysisStoreCallback).bind(reducers, None, **kwargs)
+    bound.apply_defaults()
+    options = {k: v for k, v in bound.arguments.items() if k not in ("reducers", "store")}
+    return repr((list(reducers), sorted(options.items())))
+
+
+@pytest.fixture
+def shared_callback(
+    store: AnalysisStore,
+    RE: RunEngine,  # noqa: N803
+    _module_callbacks: dict[str, AnalysisStoreCallback],
+):
+    """Like ``make_callback``, but a callback of the same reducers and options is made once
+    per module and serves every test that asks for one alike: one worker process for them
+    all, not one each (a worker takes seconds to start and to stop). For tests that look
+    only at the child runs of their own raw runs, not at the callback's life (closing,
+    workers dying, what it abandons). Each test's ``RE`` is unsubscribed afterwards."""
+    used: list[AnalysisStoreCallback] = []
+
+    def make(reducers: Any, **kwargs: Any) -> AnalysisStoreCallback:
+        key = _configuration(reducers, kwargs)
+        if key not in _module_callbacks:
+            _module_callbacks[key] = AnalysisStoreCallback(reducers, store, **kwargs)
+        used.append(_module_callbacks[key])
+        return _module_callbacks[key]
+
+    yield make
+    for callback in used:
+        callback.unsubscribe(RE)
+        assert callback.flush(timeout=60), "a shared callback did not finish a test's runs"
 
 
 @pytest.fixture
