@@ -21,6 +21,7 @@ import numpy as np
 
 from ._errors import PlotError, RunNotFoundError
 from ._reduction import PARENT_EVENT_KEYS
+from ._replay import start_document
 
 __all__ = ["make_figure", "plot_key"]
 
@@ -291,7 +292,7 @@ def _find_parent(run: Any) -> Any:
     """The first parent run of ``run`` in the catalog holding it, or None."""
     from tiled.client.container import Container
 
-    parent_uids = run.start.get("parent_uids") or []
+    parent_uids = start_document(run).get("parent_uids") or []
     if not parent_uids:
         return None
     try:  # the exact key: the catalog's own lookup would also take scan ids and prefixes
@@ -319,7 +320,7 @@ def _x_axis(
         return _Axis(_as_numbers(x_values), data.label(x_key), integer), values
 
     parent_stream = x_stream or data.name
-    parent_uids = run.start.get("parent_uids") or []
+    parent_uids = start_document(run).get("parent_uids") or []
     if not parent_uids:
         raise PlotError(
             f"no x key {x_key!r}: stream {data.name!r} has {data.keys()}, and the run has "
@@ -402,8 +403,8 @@ def _sample_name(start: Mapping[str, Any]) -> str | None:
 def _title(run: Any, parent_run: Any) -> str:
     """``sample S · scan N (plan) · child UID``: the sample and the scan are the run's own
     for a raw run, else its parent's (a child run has neither of its own)."""
-    start = run.start
-    parent_start = parent_run.start if parent_run is not None else {}
+    start = start_document(run)
+    parent_start = start_document(parent_run) if parent_run is not None else {}
     parts = []
     sample = _sample_name(start) or _sample_name(parent_start)
     if sample:

@@ -81,6 +81,12 @@ def _stream_events(
             yield time, seq_num, stream_name, event
 
 
+def start_document(run: Any) -> dict[str, Any]:
+    """The run's start document, from its node's metadata: read the same way from a
+    ``BlueskyRun`` and from the plain nodes of ``AnalysisStore.catalog``."""
+    return dict((getattr(run, "metadata", None) or {}).get("start") or {})
+
+
 def stop_document(run: Any) -> dict[str, Any] | None:
     """The run's stop document, or None when it has none (``run.stop`` raises then)."""
     stop = (getattr(run, "metadata", None) or {}).get("stop")

@@ -97,19 +97,23 @@ def find_run(client: Any, text: str) -> Any:
             f"no run {text!r} in the analysis store (a shortened uid needs at least "
             f"{MIN_UID_PREFIX} characters)"
         )
-    try:
-        return client[text]  # CatalogOfBlueskyRuns looks a partial uid up
-    except KeyError:
-        raise CommandError(f"no run {text!r} in the analysis store") from None
-    except ValueError:
-        raise CommandError(
-            f"uid prefix {text!r} matches more than one run; give more characters"
-        ) from None
+    from tiled.queries import Like
+
+    # The embedded store and tiled's SQL catalogs take LIKE (as CatalogOfBlueskyRuns' own
+    # partial-uid lookup does); the uid's characters were checked above.
+    matches = client.search(Like("start.uid", f"{text}%")).values().head(2)
+    if len(matches) > 1:
+        raise CommandError(f"uid prefix {text!r} matches more than one run; give more characters")
+    if not matches:
+        raise CommandError(f"no run {text!r} in the analysis store")
+    return matches[0]
 
 
 def run_uid(run: Any) -> str:
     """The full uid of ``run``, from its start document."""
-    return run.start["uid"]
+    from .._replay import start_document
+
+    return start_document(run)["uid"]
 
 
 def find_parent_uid(store: Any, text: str) -> str:
@@ -117,17 +121,19 @@ def find_parent_uid(store: Any, text: str) -> str:
     another catalog (``reprocess --source``), so the children's records are searched too."""
     from tiled.queries import Contains
 
+    from .._replay import start_document
+
     try:
-        return run_uid(find_run(store.client, text))
+        return run_uid(find_run(store.catalog, text))
     except CommandError:
         if len(text) < MIN_UID_PREFIX:
             raise
     # Contains is a substring match on the JSON text; the prefix is checked again here.
-    results = store.client.search(Contains("start.parent_uids", text))
+    results = store.catalog.search(Contains("start.parent_uids", text))
     matches = {
         uid
         for run in results.values()
-        for uid in run.start.get("parent_uids") or ()
+        for uid in start_document(run).get("parent_uids") or ()
         if uid.startswith(text)
     }
     if len(matches) > 1:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .._replay import stop_document, stream_lengths
+from .._replay import start_document, stop_document, stream_lengths
 from .._store import ChildRun
 from ._exits import command_line_text, error_text
 from ._opening import MIN_UID_PREFIX
@@ -119,7 +119,7 @@ def run_summary(uid: str, run: Any) -> dict[str, Any]:
     stop)``, with ``exit_status`` None and ``events_saved``, the events saved so far, per
     stream.
     """
-    start = run.start
+    start = start_document(run)
     stop = stop_document(run)
     summary: dict[str, Any] = {
         "uid": uid,
@@ -187,17 +187,64 @@ def _streams(run: Any, stop: Mapping[str, Any] | None) -> dict[str, Any]:
     saved = stream_lengths(run) if stop is None else {}
     for name in run:
         node = run[name]
-        keys = {}
-        for key in data_keys(node):
-            item = node[key]
-            shape = getattr(item, "shape", None)
-            keys[key] = {
-                "shape": list(shape) if shape is not None else None,
-                "dtype": str(getattr(item, "dtype", "?")),
-            }
         events = saved[name] if stop is None else (stop.get("num_events") or {}).get(name)
+        keys = _described_keys(node, events)
+        if keys is None:
+            keys = {}
+            for key in data_keys(node):
+                item = node[key]
+                shape = getattr(item, "shape", None)
+                keys[key] = {
+                    "shape": list(shape) if shape is not None else None,
+                    "dtype": str(getattr(item, "dtype", "?")),
+                }
         streams[name] = {"events": events, "keys": keys}
     return streams
+
+
+def _described_keys(node: Any, events: int | None) -> dict[str, Any] | None:
+    """A composite stream's keys with shapes and dtypes, from the listing of its parts and
+    its descriptor, without a client for each array (tiled's array client imports dask:
+    a second); None for another layout, or a key neither describes."""
+    import numpy as np
+
+    get_contents = getattr(node, "get_contents", None)
+    if not callable(get_contents) or events is None:
+        return None
+    described = (node.metadata or {}).get("data_keys") or {}
+    keys: dict[str, Any] = {}
+    names: list[str] = []
+    for item_id, item in get_contents().items():
+        attributes = item["attributes"]
+        if attributes["structure_family"] == "table":
+            names += attributes["structure"]["columns"]
+        else:
+            names.append(item_id)
+            structure = attributes.get("structure") or {}
+            data_type = structure.get("data_type") or {}
+            if "shape" not in structure or "kind" not in data_type:
+                return None
+            dtype = np.dtype(
+                f"{_ENDIAN.get(data_type.get('endianness'), '=')}"
+                f"{data_type['kind']}{data_type['itemsize']}"
+            )
+            keys[item_id] = {"shape": list(structure["shape"]), "dtype": str(dtype)}
+    present = set(names)
+    for key in names:
+        if key in keys or key in _NOT_DATA_KEYS or (key.startswith("ts_") and key[3:] in present):
+            continue
+        description = described.get(key) or {}
+        dtype_text = description.get("dtype_numpy")
+        if not dtype_text:
+            return None
+        keys[key] = {
+            "shape": [events, *description.get("shape", [])],
+            "dtype": str(np.dtype(dtype_text)),
+        }
+    return {key: keys[key] for key in names if key in keys}
+
+
+_ENDIAN = {"little": "<", "big": ">", "not_applicable": "|"}
 
 
 def show_record(uid: str, run: Any) -> dict[str, Any]:
@@ -206,7 +253,7 @@ def show_record(uid: str, run: Any) -> dict[str, Any]:
     ``stop`` is None for a run without a stop document (``complete`` False); its streams'
     ``events`` are then the rows saved so far.
     """
-    start = _plain(run.start)
+    start = _plain(start_document(run))
     stop = stop_document(run)
     return {
         "uid": uid,
