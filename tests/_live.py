@@ -6,8 +6,8 @@ The RunEngine itself, the simulated devices and the module's store are fixtures 
 from __future__ import annotations
 
 import copy
-import time
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,6 +77,20 @@ class DocumentRecorder:
                 f"{stem}_{datum['datum_kwargs']['index']}.npy"
             )
         return files
+
+
+# --- reading back -------------------------------------------------------------------------
+
+
+def children_of(store: Any, raw_uid: str) -> list[str]:
+    """The child runs of ``raw_uid``: none when the store holds neither it (a raw run the
+    test did not save there) nor any run derived from it."""
+    from bluesky_analysis_store import RunNotFoundError
+
+    try:
+        return store.children(raw_uid)
+    except RunNotFoundError:
+        return []
 
 
 # --- plans --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from bluesky.plans import count, grid_scan, scan  # noqa: E402
 from bluesky.utils import RunEngineInterrupted  # noqa: E402
 from event_model import Filler  # noqa: E402
 
-from _live import DocumentRecorder, slow_scaled  # noqa: E402
+from _live import DocumentRecorder, children_of, slow_scaled  # noqa: E402
 from _reducers_for_tests import (  # noqa: E402
     DarkSubtractedSum,
     FrameSequence,
@@ -45,7 +45,6 @@ from bluesky_analysis_store import (  # noqa: E402
     AnalysisStoreCallback,
     AnalysisStoreError,
     ProvenanceError,
-    RunNotFoundError,
     wait_for_derived,
     wait_for_derived_wrapper,
 )
@@ -67,15 +66,6 @@ def only_child(store: AnalysisStore, raw_uid: str) -> Any:
     children = store.children(raw_uid)
     assert len(children) == 1, f"expected one child run of {raw_uid}, found {children}"
     return store[children[0]]
-
-
-def children_of(store: AnalysisStore, raw_uid: str) -> list[str]:
-    """The child runs of ``raw_uid``: none when the store holds neither it (these tests do
-    not save raw runs) nor any run derived from it."""
-    try:
-        return store.children(raw_uid)
-    except RunNotFoundError:
-        return []
 
 
 def column(run: Any, stream: str, key: str) -> np.ndarray:
