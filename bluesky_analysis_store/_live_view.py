@@ -18,14 +18,17 @@ What a subscriber receives, for display (the documents saved in the store are un
   it was reduced from (joined on ``parent_seq_num``). So ``LivePlot("roi_total", "motor")``
   plots a derived value against the scan's motor.
 - The start carries the parent's ``scan_id``, ``motors`` and ``hints`` (unless the child's
-  metadata has them), and each descriptor hints the derived keys only: bluesky's
-  ``BestEffortCallback`` tables and plots the derived values against the scan's dimensions.
+  metadata has them), and each descriptor hints the derived keys and the scan's motors
+  only: bluesky's ``BestEffortCallback`` tables and plots the derived values (not the raw
+  detectors again) against the scan's dimensions.
 
 Subscribers are called one after another on a thread of the callback, never on the
-RunEngine's: a slow plot does not hold up the scan. This is what bluesky does itself (the
-RunEngine calls its subscribers on its event loop's thread): bluesky's Qt-aware callbacks
-(``LivePlot``, ``BestEffortCallback``) hand the drawing to the main thread through their
-"teleporter" when matplotlib's backend is Qt, made on the main thread when they are. A
+RunEngine's: a slow plot does not hold up the scan's points (the wait for derived data
+after the run, see below, does wait for it, as a slow RunEngine subscriber would). This is
+what bluesky does itself (the RunEngine calls its subscribers on its event loop's thread):
+bluesky's Qt-aware callbacks (``LivePlot``, ``BestEffortCallback``) hand the drawing to the
+main thread through their "teleporter" when matplotlib's backend is Qt, made on the main
+thread when they are. A
 subscriber gets the child runs whose start came after it subscribed. What it raises is
 logged (once per run with its traceback) and never reaches the reduction or the scan.
 
@@ -75,6 +78,7 @@ class _RawRun:
         # stream name -> scalar, inline data keys (and the objects they belong to)
         self.data_keys: dict[str, dict[str, dict[str, Any]]] = {}
         self.object_keys: dict[str, dict[str, list[str]]] = {}
+        self.hints: dict[str, dict[str, Any]] = {}
         # (stream, seq_num) -> (values, timestamps), until the child event takes them
         self.readings: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any]]] = {}
 
@@ -170,6 +174,7 @@ class LiveView:
                 obj: [key for key in keys if key in scalars]
                 for obj, keys in doc.get("object_keys", {}).items()
             }
+            run.hints[stream] = copy.deepcopy(doc.get("hints", {}))
             self._raw_streams[doc["uid"]] = (run, stream)
 
     def _raw_event(self, doc: dict[str, Any]) -> None:
@@ -292,6 +297,8 @@ class LiveView:
         with self._lock:
             parent_keys = dict(parent.data_keys.get(stream, {})) if parent else {}
             parent_objects = dict(parent.object_keys.get(stream, {})) if parent else {}
+            parent_hints = dict(parent.hints.get(stream, {})) if parent else {}
+            motors = set(parent.start.get("motors") or ()) if parent else set()
         joined = {key: value for key, value in parent_keys.items() if key not in derived}
         object_keys = {
             obj: [key for key in keys if key in joined] for obj, keys in parent_objects.items()
@@ -299,7 +306,12 @@ class LiveView:
         object_keys = {obj: keys for obj, keys in object_keys.items() if keys}
         object_keys[DERIVED_OBJECT] = list(derived)
         hinted = [key for key in derived if key != "parent_seq_num"]
-        hints = {obj: {"fields": []} for obj in object_keys}
+        # The scan's motors keep their hints (what BestEffortCallback takes as the x axis
+        # when the plan hints no dimensions); the parent's detectors are not shown again.
+        hints = {
+            obj: copy.deepcopy(parent_hints.get(obj, {})) if obj in motors else {"fields": []}
+            for obj in object_keys
+        }
         hints[DERIVED_OBJECT] = {"fields": hinted}
         return {
             **copy.deepcopy(doc),

@@ -202,11 +202,19 @@ def test_best_effort_callback_tables_derived_values_against_the_motor(
     bec = BestEffortCallback()
     bec.disable_plots()
     live.subscribe(bec)
-    RE(scan([det], motor, -1, 1, 3))
-    table = capsys.readouterr().out
-    header = next(line for line in table.splitlines() if "seq_num" in line)
-    assert "motor" in header and "total" in header and "shifted" in header
-    assert "parent_seq_num" not in header
+
+    @bpp.run_decorator(md={"motors": ["motor"]})  # no dimension hints: BEC guesses from motors
+    def unhinted():
+        for position in (0.0, 1.0):
+            yield from bps.mv(motor, position)
+            yield from bps.trigger_and_read([det, motor])
+
+    for plan in (scan([det], motor, -1, 1, 3), unhinted()):
+        RE(plan)
+        table = capsys.readouterr().out
+        header = next(line for line in table.splitlines() if "seq_num" in line)
+        columns = [column.strip() for column in header.strip("|").split("|")]
+        assert columns == ["seq_num", "time", "motor", "total", "shifted"], table
 
 
 # --- subscribers that fail, and unsubscribing -------------------------------------------
