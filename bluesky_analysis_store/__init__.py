@@ -92,6 +92,11 @@ _MODULES = {
 }
 
 
+# Imported now: the name is also the subpackage's, which importing any of its modules would
+# bind here in place of the registry.
+from .formats import formats  # noqa: E402
+
+
 def __getattr__(name: str) -> Any:
     module = _MODULES.get(name)
     if module is None:

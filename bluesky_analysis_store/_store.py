@@ -670,9 +670,11 @@ def _in_process_context(folder: Path, readable_roots: Sequence[str], catalog_loc
     from tiled.client import Context
 
     from ._catalog_lock import LockingTransport, wrap_transport
+    from ._quiet import quiet_tiled
 
-    app = build_embedded_app(folder, readable_roots)
-    context = Context.from_app(app)
+    with quiet_tiled():  # the app is started (and logs its version) when the context is made
+        app = build_embedded_app(folder, readable_roots)
+        context = Context.from_app(app)
     wrap_transport(context.http_client, lambda inner: LockingTransport(inner, catalog_lock))
     return context
 

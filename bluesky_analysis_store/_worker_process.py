@@ -553,12 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filters[:] = context["warnings_filters"]
     sys.path[:0] = [path for path in context["sys_path"] if path not in sys.path]
     try:
-        # tiled's server adds a handler of its own when imported and logs through it when
-        # the store is opened: take that handler away first.
-        import tiled.server.app  # noqa: F401
-
+        # A store served in this process (served=False) imports tiled's server, which adds
+        # a handler of its own (its version banner is held back while the store opens, see
+        # _quiet); a store talking to its folder's server imports none of it: seconds
+        # sooner ready. Either way only the forwarding handler is left after the open.
         _only_forward(root)
         plan, store = decode(setup[1:])
+        _only_forward(root)
         # The child runs name the code this process imported, not what the callback saw.
         plan = dataclasses.replace(plan, code=code_as_loaded(plan.reducers, plan.code))
         router = LiveRouter(
@@ -576,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             target=_watch_memory, args=(context["memory_limit"], router), daemon=True
         ).start()
     tell("ready")
+    # What the first run needs (the run writer, the fillers, tiled's array client), imported
+    # while no document has come yet, rather than when the first one does: the first scan
+    # after the callback is made then waits less for its derived data.
+    threading.Thread(target=_import_ahead, name="import-ahead", daemon=True).start()
     reason = _ORPHANED_REASON
     try:
         if _serve(inbox, router, tell, forwarder):
@@ -591,6 +596,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 _MEMORY_CHECK_SECONDS = 0.25
 # Exit status of a worker stopped by its memory limit (then replaced as after any death).
 EXIT_MEMORY_LIMIT = 75
+
+
+_FIRST_RUN_MODULES = (
+    "bluesky_analysis_store._tiled_writing",
+    "bluesky_analysis_store._delivery",
+    "bluesky_analysis_store._stream_filling",
+    "tiled.client.array",
+    "tiled.client.dataframe",
+)
+
+
+def _import_ahead() -> None:
+    import importlib
+
+    for name in _FIRST_RUN_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the run that needs it will say what is wrong
+            return
 
 
 def _resident_bytes() -> int:

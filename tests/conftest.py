@@ -36,6 +36,16 @@ from bluesky_analysis_store.sim import spot_camera
 # tests/test_local_server.py and the tests of the user-facing paths ask for the server.
 os.environ.setdefault("BLUESKY_ANALYSIS_STORE_SERVED", "0")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_store_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Stop the local store servers that tests (or the commands they ran) started."""
+    yield
+    from bluesky_analysis_store._local_server import SERVER_FILE, stop_server
+
+    for server_file in tmp_path_factory.getbasetemp().rglob(SERVER_FILE):
+        stop_server(server_file.parent)
+
 # --- the session's store ------------------------------------------------------------------
 
 

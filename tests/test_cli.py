@@ -769,11 +769,6 @@ def test_opening_a_store_prints_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="quiet_tiled() is not yet called where AnalysisStore.open serves the folder in "
-    "its own process (_store._in_process_context)",
-)
 def test_opening_a_store_served_in_process_prints_nothing(tmp_path: Path) -> None:
     from bluesky_analysis_store._local_server import SERVED_ENV
 
