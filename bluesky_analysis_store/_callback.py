@@ -157,6 +157,7 @@ class AnalysisStoreCallback:
         # Raw runs whose stop was handed over and whose child run is not known saved yet.
         self._stopped: dict[str, None] = {}
         self._late_reported: set[str] = set()
+        self._said_starting = False
         self._open_runs: dict[str, None] = {}
         self._preprocessor: Any = None
         self._tokens: dict[int, int] = {}
@@ -262,6 +263,7 @@ class AnalysisStoreCallback:
             return True
         uids = list(self._stopped)
         timeout = self.stop_timeout if timeout is None else timeout
+        self._say_why_waiting()
         lost, late = await wait_async(self._runs, uids, timeout, self._alive)
         for uid in uids:
             if uid not in late:
@@ -281,6 +283,19 @@ class AnalysisStoreCallback:
                 timeout,
             )
         return not lost and not late
+
+    def _say_why_waiting(self) -> None:
+        """Once per callback: the plan waits for a worker process still starting."""
+        starting_for = getattr(self._worker, "starting_for", None)
+        if starting_for is None or self._said_starting:
+            return
+        self._said_starting = True
+        logger.warning(
+            "the derived data of this scan waits for the analysis worker process, started "
+            "%.1f s ago and still loading its imports (the first scan after the callback is "
+            "made waits for it; later ones do not)",
+            starting_for,
+        )
 
     def subscribe(self, target: Any, *, timeout: float | None = None) -> int:
         """Subscribe this callback to a RunEngine, or a live subscriber to this callback.

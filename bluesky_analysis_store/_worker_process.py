@@ -185,6 +185,8 @@ class _Process:
     """One worker process and the thread that reads what it says."""
 
     def __init__(self, worker: ProcessWorker) -> None:
+        self.started_at = time.monotonic()
+        self.warm = False  # it has finished a run: its imports and first requests are done
         to_child, self_out = os.pipe()
         self_in, from_child = os.pipe()
         _widen(self_out)
@@ -265,6 +267,15 @@ class ProcessWorker(ClosesOnce):
 
     def alive(self) -> bool:
         return self._process.alive() and self._sender.is_alive()
+
+    @property
+    def starting_for(self) -> float | None:
+        """Seconds since the current worker process was started, while it is new (less than
+        a minute old) and has not finished a run yet: it is still loading what reducing and
+        saving need. None otherwise."""
+        process = self._process
+        age = time.monotonic() - process.started_at
+        return None if process.warm or age > _NEW_FOR else age
 
     # --- the Worker protocol ----------------------------------------------------------------
 
@@ -403,6 +414,7 @@ class ProcessWorker(ClosesOnce):
             if target.isEnabledFor(record.levelno):  # as if it were logged here
                 target.handle(record)
         elif kind == "finished":
+            process.warm = True
             self._run_finished(message[1])
         elif kind == "child_documents":
             if self._view is not None:
@@ -597,6 +609,8 @@ _MEMORY_CHECK_SECONDS = 0.25
 # Exit status of a worker stopped by its memory limit (then replaced as after any death).
 EXIT_MEMORY_LIMIT = 75
 
+
+_NEW_FOR = 60.0  # seconds a worker process that has not finished a run counts as starting
 
 _FIRST_RUN_MODULES = (
     "bluesky_analysis_store._tiled_writing",

@@ -171,17 +171,22 @@ def test_a_killed_worker_does_not_break_the_scan_and_the_next_run_gets_a_new_one
     assert store[child_uid].stop["reduction"]["events_reduced"] == 3
 
 
-def test_ctrl_c_does_not_reach_the_worker(RE, store, make_callback):
-    """Ctrl-C at the prompt pauses a scan; it must not end the reduction."""
+def test_ctrl_c_does_not_reach_the_worker(RE, store, make_callback, caplog):
+    """Ctrl-C at the prompt pauses a scan; it must not end the reduction. The first scan,
+    made as soon as the callback is, waits for the new worker: the session says so, once."""
+    caplog.set_level(logging.WARNING, logger="bluesky_analysis_store._callback")
     callback = make_callback([scaled])
     callback.subscribe(RE)
     RE(count([det], num=1))
+    waits = [r for r in caplog.records if "waits for the analysis worker process" in r.message]
+    assert len(waits) == 1
     pid = callback.worker_pid
     os.kill(pid, signal.SIGINT)
     (raw_uid,) = RE(count([det], num=2))
     assert callback.worker_pid == pid
     (child_uid,) = store.children(raw_uid)
     assert store[child_uid].stop["reduction"]["events_reduced"] == 2
+    assert [r for r in caplog.records if "waits for the analysis worker" in r.message] == waits
 
 
 def test_closing_ends_the_worker_process(store):
