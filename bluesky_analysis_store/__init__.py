@@ -9,26 +9,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The errors are imported now: they cost nothing and are what a failing call raises.
+from ._errors import (
+    AnalysisStoreError,
+    AssetExistsError,
+    AssetLocationError,
+    DataKeyError,
+    DataValueError,
+    DeliveryError,
+    DiskFullError,
+    FormatRegistryError,
+    FrameWriteError,
+    IngestError,
+    JournalError,
+    MetadataError,
+    PlotError,
+    ProvenanceError,
+    RunNotFoundError,
+    WriterRootError,
+)
+
 if TYPE_CHECKING:
     from ._callback import AnalysisStoreCallback
     from ._composer import RunComposer, compose_documents
-    from ._errors import (
-        AnalysisStoreError,
-        AssetExistsError,
-        AssetLocationError,
-        DataKeyError,
-        DataValueError,
-        DeliveryError,
-        DiskFullError,
-        FormatRegistryError,
-        FrameWriteError,
-        IngestError,
-        JournalError,
-        MetadataError,
-        ProvenanceError,
-        RunNotFoundError,
-        WriterRootError,
-    )
     from ._handover import Abandoned
     from ._ingest import ingest
     from ._plans import wait_for_derived, wait_for_derived_decorator, wait_for_derived_wrapper
@@ -46,26 +49,6 @@ _MODULES = {
     "AnalysisStoreCallback": "._callback",
     "RunComposer": "._composer",
     "compose_documents": "._composer",
-    **dict.fromkeys(
-        [
-            "AnalysisStoreError",
-            "AssetExistsError",
-            "AssetLocationError",
-            "DataKeyError",
-            "DataValueError",
-            "DeliveryError",
-            "DiskFullError",
-            "FormatRegistryError",
-            "FrameWriteError",
-            "IngestError",
-            "JournalError",
-            "MetadataError",
-            "ProvenanceError",
-            "RunNotFoundError",
-            "WriterRootError",
-        ],
-        "._errors",
-    ),
     "Abandoned": "._handover",
     "ingest": "._ingest",
     "wait_for_derived": "._plans",
@@ -157,6 +140,7 @@ __all__ = [
     "IngestError",
     "JournalError",
     "MetadataError",
+    "PlotError",
     "ProvenanceError",
     "RunNotFoundError",
     "WriterRootError",
