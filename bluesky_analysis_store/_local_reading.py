@@ -54,7 +54,7 @@ def _local_source(node: Any, readable_roots: Sequence[str] | None) -> Any:
     """The data source of ``node`` if all its files are local and readable, else None."""
     if readable_roots is None or getattr(node, "structure_family", None) != "array":
         return None
-    sources = node.include_data_sources().data_sources() or []
+    sources = node.data_sources() or []  # fetched now unless they came with the node
     if len(sources) != 1:
         return None
     (source,) = sources

@@ -501,8 +501,8 @@ class AnalysisStore:
 
         if isinstance(array, str):
             path = array
-            try:
-                array = self.catalog[path]
+            try:  # the node and its data sources in one request
+                array = self.catalog.new_variation(include_data_sources=True)[path]
             except KeyError:
                 # An event stream's inline keys are columns of its table, which the run's
                 # client finds by name.
