@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import threading
@@ -204,6 +205,16 @@ class AnalysisStoreCallback:
         # Neither this nor the worker's threads hold the callback: dropping it closes them.
         self._finalizer = weakref.finalize(self, _close_collected, self._work, self._view)
         self._finalizer.atexit = False  # close_at_exit's hooks see to that, earlier
+        if self._worker is not None:
+            # The session saves runs too (``RE.subscribe(store)``): its run writer's imports
+            # (a second) are made now, in the background, not on the first scan's first
+            # document on the RunEngine's thread.
+            threading.Thread(
+                target=importlib.import_module,
+                args=("bluesky_analysis_store._tiled_writing",),
+                name="analysis-store-imports",
+                daemon=True,
+            ).start()
 
     @property
     def background(self) -> bool:

@@ -26,6 +26,7 @@ worker finishes it, within a bounded time (see ``_handover.close_at_exit``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -186,7 +187,7 @@ class _Process:
 
     def __init__(self, worker: ProcessWorker) -> None:
         self.started_at = time.monotonic()
-        self.warm = False  # it has finished a run: its imports and first requests are done
+        self.warm = False  # it has imported what runs need, or finished one
         to_child, self_out = os.pipe()
         self_in, from_child = os.pipe()
         _widen(self_out)
@@ -271,8 +272,7 @@ class ProcessWorker(ClosesOnce):
     @property
     def starting_for(self) -> float | None:
         """Seconds since the current worker process was started, while it is new (less than
-        a minute old) and has not finished a run yet: it is still loading what reducing and
-        saving need. None otherwise."""
+        a minute old) and still loading what reducing and saving need. None otherwise."""
         process = self._process
         age = time.monotonic() - process.started_at
         return None if process.warm or age > _NEW_FOR else age
@@ -370,6 +370,10 @@ class ProcessWorker(ClosesOnce):
         logger.info("a new analysis worker process started (pid %s)", process.popen.pid)
 
     def _send_all(self, process: _Process) -> None:
+        # The reducers and the store go to a new process at once, not with its first
+        # documents: it loads them (imports, opens the store) before the first scan needs it.
+        with contextlib.suppress(OSError):
+            self._send_setup(process)
         while True:
             items: list[Any] = []
             sizes = 0
@@ -378,6 +382,8 @@ class ProcessWorker(ClosesOnce):
                 if item[0] == "process":
                     self._send(process, items)
                     process, items = item[1], []
+                    with contextlib.suppress(OSError):
+                        self._send_setup(process)
                 else:
                     items.append(item)
             self._send(process, items)
@@ -394,15 +400,25 @@ class ProcessWorker(ClosesOnce):
             except Exception:
                 parts = encode([item for item in items if _picklable(item)])
             try:
-                if not process.setup_sent:
-                    process.outbox.send(self._setup)
-                    process.outbox.send(encode([("live", self._forwarding)]))
-                    process.setup_sent = True
+                self._send_setup(process)
                 process.outbox.send(parts)
                 return
             except OSError:
                 process.lost = True  # the listener says why, once the process has ended
         self._dropped += sum(1 for item in items if item[0] == "doc")
+
+    def _send_setup(self, process: _Process) -> None:
+        """The reducers, the store and whether to send child documents back, once per
+        process (OSError if the process is gone)."""
+        if process.setup_sent:
+            return
+        try:
+            process.outbox.send(self._setup)
+            process.outbox.send(encode([("live", self._forwarding)]))
+        except OSError:
+            process.lost = True  # the listener says why, once the process has ended
+            raise
+        process.setup_sent = True
 
     # --- listening ------------------------------------------------------------------------
 
@@ -427,6 +443,8 @@ class ProcessWorker(ClosesOnce):
                 done.set()
         elif kind == "ready":
             process.ready_at = time.monotonic()
+        elif kind == "loaded":
+            process.warm = True
 
     def _listen(self, process: _Process) -> None:
         try:
@@ -592,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What the first run needs (the run writer, the fillers, tiled's array client), imported
     # while no document has come yet, rather than when the first one does: the first scan
     # after the callback is made then waits less for its derived data.
-    threading.Thread(target=_import_ahead, name="import-ahead", daemon=True).start()
+    threading.Thread(target=_import_ahead, args=(tell,), name="import-ahead", daemon=True).start()
     reason = _ORPHANED_REASON
     try:
         if _serve(inbox, router, tell, forwarder):
@@ -621,7 +639,7 @@ _FIRST_RUN_MODULES = (
 )
 
 
-def _import_ahead() -> None:
+def _import_ahead(tell: Any) -> None:
     import importlib
 
     for name in _FIRST_RUN_MODULES:
@@ -629,6 +647,7 @@ def _import_ahead() -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the run that needs it will say what is wrong
             return
+    tell("loaded")
 
 
 def _resident_bytes() -> int:
