@@ -9,8 +9,9 @@ Every figure is measured side by side in one run, and printed with its ratio:
   with the catalog served inside the command's process (``BLUESKY_ANALYSIS_STORE_SERVED=0``,
   how every call ran before the server); and the first call, which starts the server.
 - opening the store from Python in a fresh process (imports included), both ways;
-- a 21-point scan of a simulated camera started right after the callback is made, against
-  the same scan ``--warm-wait`` seconds later, each pair in a fresh process;
+- a 21-point scan of a simulated camera started right after the callback is made, and one
+  started ``--settle`` seconds after (a scan typed at the prompt), each against the same
+  scan ``--warm-wait`` seconds later, each pair in a fresh process;
 - reading a derived HDF5 array (``--read-mib`` MiB) with ``store.read`` and through the
   catalog (``array.read()``), against h5py reading the file, alternately;
 - ``reproduce`` of a child against the ``reprocess`` that made it.
@@ -153,7 +154,7 @@ _SCAN_SCRIPT = textwrap.dedent(
     from bluesky_analysis_store.example_reducers import normalise_and_sum
     from bluesky_analysis_store.sim import spot_camera
 
-    folder, raw, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    folder, raw, wait, settle = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
     motor = SynAxis(name="motor")
     cam = spot_camera(motor, raw)
     RE = RunEngine({})
@@ -161,6 +162,7 @@ _SCAN_SCRIPT = textwrap.dedent(
     RE.subscribe(store)
     callback = AnalysisStoreCallback([normalise_and_sum], store)
     callback.subscribe(RE)
+    time.sleep(settle)
     began = time.perf_counter()
     RE(scan([cam], motor, -3, 3, 21))
     first = time.perf_counter() - began
@@ -174,11 +176,13 @@ _SCAN_SCRIPT = textwrap.dedent(
 )
 
 
-def bench_first_scan(folder: Path, raw: Path, trials: int, wait: float) -> dict[str, Any]:
+def bench_first_scan(
+    folder: Path, raw: Path, trials: int, wait: float, settle: float = 0.0
+) -> dict[str, Any]:
     firsts, warms = [], []
     for _ in range(trials):
         result = subprocess.run(
-            [PYTHON, "-c", _SCAN_SCRIPT, str(folder), str(raw), str(wait)],
+            [PYTHON, "-c", _SCAN_SCRIPT, str(folder), str(raw), str(wait), str(settle)],
             env=_env(True),
             check=True,
             capture_output=True,
@@ -189,6 +193,7 @@ def bench_first_scan(folder: Path, raw: Path, trials: int, wait: float) -> dict[
         warms.append(warm)
     ratios = [first / warm for first, warm in zip(firsts, warms, strict=True)]
     return {
+        "settle": settle,
         "first scan": _median(firsts),
         "warm scan": _median(warms),
         "ratio": _median(ratios),
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scan-trials", type=int, default=3)
-    parser.add_argument("--warm-wait", type=float, default=30.0)
+    parser.add_argument("--warm-wait", type=float, default=20.0)
+    parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--read-mib", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write-readme", action="store_true")
@@ -292,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         scan_store, scan_raw = work / "scans", work / "raw"
         scan_raw.mkdir()
         results["scan"] = bench_first_scan(scan_store, scan_raw, args.scan_trials, args.warm_wait)
+        results["scan after settling"] = bench_first_scan(
+            scan_store, scan_raw, args.scan_trials, args.warm_wait, args.settle
+        )
         results["read"] = bench_read(work / "reads", args.read_mib, args.repeats)
         results["reproduce"] = bench_reproduce(work, max(1, args.repeats // 2))
     finally:
@@ -339,6 +348,12 @@ def _report(results: dict[str, Any]) -> str:
         f"21-point scan right after the callback is made: {scan['first scan']:.2f} s, "
         f"warm: {scan['warm scan']:.2f} s, ratio {scan['ratio']:.2f} "
         f"(trials: {', '.join(f'{r:.2f}' for r in scan['ratios'])})"
+    )
+    settled = results["scan after settling"]
+    print(
+        f"the same, started {settled['settle']:.0f} s after the callback is made: "
+        f"{settled['first scan']:.2f} s, warm: {settled['warm scan']:.2f} s, ratio "
+        f"{settled['ratio']:.2f} (trials: {', '.join(f'{r:.2f}' for r in settled['ratios'])})"
     )
     read = results["read"]
     print(
