@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -157,6 +158,7 @@ def _answers(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+@functools.cache  # the code of this process does not change while it runs
 def server_version() -> str:
     """This package's version and a digest of the code a server runs: a server started by
     other code (an upgrade, an edited checkout) is replaced rather than used."""

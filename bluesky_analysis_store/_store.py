@@ -294,8 +294,7 @@ class AnalysisStore:
         (folder / "data").mkdir(exist_ok=True)
         catalog_lock = CatalogLock(folder)
         with catalog_lock.held():  # store.json: one process at a time
-            _remember_readable(folder, readable)
-        readable_roots = readable_folders(folder)
+            readable_roots = [str(folder / "assets"), *_remember_readable(folder, readable)]
         if served is None:
             from ._local_server import served_by_default
 
