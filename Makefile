@@ -16,9 +16,16 @@ demo: $(STAMP)
 	$(BIN)/bluesky-analysis-store demo
 
 # One test module per worker process, one worker per core: module fixtures (stores,
-# servers, worker processes) are made once per module, as in a serial run.
+# servers, worker processes) are made once per module, as in a serial run. The cases that
+# spend minutes waiting (marked "waits": a server down for minutes) run beside them in a
+# pytest of their own, whose report follows; either failing fails the target.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	@waits_log=$$(mktemp); waits_tmp=$$(mktemp -d); \
+	$(BIN)/python -m pytest -m waits --basetemp="$$waits_tmp" >"$$waits_log" 2>&1 & waits=$$!; \
+	$(BIN)/python -m pytest -n auto --dist loadfile -m "not waits"; status=$$?; \
+	wait $$waits || status=1; \
+	echo "--- the cases that wait (pytest -m waits) ---"; cat "$$waits_log"; \
+	rm -rf "$$waits_log" "$$waits_tmp"; exit $$status
 
 # Everything but the slow fault-injection and load cases.
 test-fast: $(STAMP)

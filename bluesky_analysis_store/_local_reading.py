@@ -11,30 +11,53 @@ another machine, a mimetype without an adapter) is read through the catalog.
 from __future__ import annotations
 
 import collections
+import errno
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ._confinement import check_readable
 
-__all__ = ["read_array"]
+__all__ = [
+    "LocalFirstStructureClients",
+    "local_first_array_client",
+    "read_array",
+    "read_locally",
+]
 
 # What ``from_catalog`` reads of the catalog node: its metadata and specs (as tiled's
 # consolidators pass it too).
 _Node = collections.namedtuple("_Node", ["metadata_", "specs"])
 
 
-def read_array(node: Any, readable_roots: Sequence[str] | None, slice: Any = ...) -> Any:
+def read_array(
+    node: Any, readable_roots: Sequence[str] | None, slice: Any = ..., *, files_here: bool = False
+) -> Any:
     """The values of the tiled array ``node`` (``node[slice]``), read from its local files
     through tiled's adapter when possible, else through the catalog.
 
     A file outside ``readable_roots`` is refused (:class:`AssetLocationError`), as the
     server refuses it: the catalog's records are not trusted to name only the store's files.
+    ``files_here`` says the server is on this machine (an embedded store's): a file it does
+    not find is missing (FileNotFoundError, naming it), not one on another machine.
     """
-    source = _local_source(node, readable_roots)
+    values = read_locally(node, readable_roots, slice, files_here=files_here)
+    if values is not None:
+        return values
+    return node.read() if slice is ... else node[slice]
+
+
+def read_locally(
+    node: Any, readable_roots: Sequence[str] | None, slice: Any = ..., *, files_here: bool = False
+) -> Any:
+    """``node[slice]`` read from its local files in this process, or None where that cannot
+    be done (the caller then reads through the catalog); ``files_here`` as for
+    :func:`read_array`."""
+    source = _local_source(node, readable_roots, files_here)
     if source is None:
-        return node.read() if slice is ... else node[slice]
+        return None
     import numpy as np
 
     direct = _read_hdf5_dataset(source, slice)
@@ -42,7 +65,7 @@ def read_array(node: Any, readable_roots: Sequence[str] | None, slice: Any = ...
         return direct
     adapter = _adapter(node, source)
     if adapter is None:
-        return node.read() if slice is ... else node[slice]
+        return None
     from tiled.ndslice import NDSlice
 
     if slice is ...:
@@ -50,7 +73,46 @@ def read_array(node: Any, readable_roots: Sequence[str] | None, slice: Any = ...
     return np.asarray(adapter.read(NDSlice(*(slice if isinstance(slice, tuple) else (slice,)))))
 
 
-def _local_source(node: Any, readable_roots: Sequence[str] | None) -> Any:
+@functools.cache
+def local_first_array_client(readable_roots: tuple[str, ...], files_here: bool) -> type:
+    """tiled's array client, reading the arrays whose files are local and inside
+    ``readable_roots`` in this process (``array.read()``, ``array[...]``,
+    ``numpy.asarray(array)``), and every other one through the catalog, as it does;
+    ``files_here`` as for :func:`read_array`."""
+    from tiled.client.array import ArrayClient
+
+    class LocalFirstArrayClient(ArrayClient):
+        def read(self, slice: Any = None) -> Any:
+            part = ... if slice is None else slice
+            values = read_locally(self, readable_roots, part, files_here=files_here)
+            return super().read(slice) if values is None else values
+
+    return LocalFirstArrayClient
+
+
+class LocalFirstStructureClients(Mapping[str, Any]):
+    """tiled's client classes (those of bluesky-tiled-plugins' specs included), with
+    :func:`local_first_array_client` for arrays."""
+
+    def __init__(self, readable_roots: Sequence[str], *, files_here: bool = False) -> None:
+        from tiled.client.container import DEFAULT_STRUCTURE_CLIENT_DISPATCH
+
+        self._classes = DEFAULT_STRUCTURE_CLIENT_DISPATCH["numpy"]
+        self._array_client = local_first_array_client(tuple(readable_roots), files_here)
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "array":
+            return self._array_client
+        return self._classes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
+def _local_source(node: Any, readable_roots: Sequence[str] | None, files_here: bool) -> Any:
     """The data source of ``node`` if all its files are local and readable, else None."""
     if readable_roots is None or getattr(node, "structure_family", None) != "array":
         return None
@@ -62,8 +124,13 @@ def _local_source(node: Any, readable_roots: Sequence[str] | None) -> Any:
         return None
     for asset in source.assets:
         path = _local_path(asset.data_uri)
-        if path is None or not os.path.exists(path):
-            return None  # on the server's machine, not this one
+        if path is None:
+            return None
+        if not os.path.exists(path):
+            if not files_here:
+                return None  # on the server's machine, not this one
+            check_readable(path, readable_roots, what=f"array {node.item['id']!r}")
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         check_readable(path, readable_roots, what=f"array {node.item['id']!r}")
     from tiled.structures.array import ArrayStructure
 

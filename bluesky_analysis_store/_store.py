@@ -258,6 +258,8 @@ class AnalysisStore:
         self.location = location
         # How another process opens this store again (see __reduce__), set by open/from_uri.
         self._reopen: tuple[Any, ...] | None = None
+        # The server reads its files on this machine (an embedded store, set by open).
+        self._files_here = False
 
     # --- making one ---------------------------------------------------------------------
 
@@ -312,6 +314,7 @@ class AnalysisStore:
             flush_interval=flush_interval,
         )
         store._reopen = (_open_folder, (str(folder), flush_interval, served))
+        store._files_here = True
         return store
 
     @classmethod
@@ -375,11 +378,25 @@ class AnalysisStore:
 
     @property
     def client(self) -> Any:
-        """The tiled client of the catalog (runs read back as ``BlueskyRun``)."""
+        """The tiled client of the catalog (runs read back as ``BlueskyRun``).
+
+        Its arrays whose files are on this machine, inside the store's readable folders,
+        are read from them in this process (see :meth:`read`): ``array.read()`` then costs
+        about what reading the file does, not a trip of every byte through the server."""
         if self._client is None:
             from tiled.client import from_context
 
-            self._client = from_context(self._context)
+            if self.readable_roots is None:
+                self._client = from_context(self._context)
+            else:
+                from ._local_reading import LocalFirstStructureClients
+
+                self._client = from_context(
+                    self._context,
+                    structure_clients=LocalFirstStructureClients(
+                        self.readable_roots, files_here=self._files_here
+                    ),
+                )
         return self._client
 
     @property
@@ -512,7 +529,7 @@ class AnalysisStore:
                 except KeyError:
                     raise RunNotFoundError(f"no array {path!r} in the analysis store") from None
                 array = node
-        return read_array(array, self.readable_roots, slice)
+        return read_array(array, self.readable_roots, slice, files_here=self._files_here)
 
     def __contains__(self, uid: object) -> bool:
         return isinstance(uid, str) and uid in self.catalog

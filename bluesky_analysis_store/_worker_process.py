@@ -610,10 +610,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What the first run needs (the run writer, the fillers, tiled's array client), imported
     # while no document has come yet, rather than when the first one does: the first scan
     # after the callback is made then waits less for its derived data.
-    threading.Thread(target=_import_ahead, args=(tell,), name="import-ahead", daemon=True).start()
+    importer = threading.Thread(
+        target=_import_ahead, args=(tell,), name="import-ahead", daemon=True
+    )
+    importer.start()
     reason = _ORPHANED_REASON
     try:
-        if _serve(inbox, router, tell, forwarder):
+        if _serve(inbox, router, tell, forwarder, importer):
             reason = _CLOSED_REASON
     finally:
         # Runs still open will get no more documents: close them as failed, deliver what
@@ -647,6 +650,9 @@ def _import_ahead(tell: Any) -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the run that needs it will say what is wrong
             return
+    from ._filling import handler_registry
+
+    handler_registry()  # the handlers' entry points (databroker's import dask, h5py...)
     tell("loaded")
 
 
@@ -706,9 +712,19 @@ class _ChildDocuments:
                 logger.exception("child documents could not be sent to the live view")
 
 
-def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any, forwarder: _ChildDocuments) -> bool:
+def _serve(
+    inbox: MessagePipe,
+    router: LiveRouter,
+    tell: Any,
+    forwarder: _ChildDocuments,
+    importer: threading.Thread | None = None,
+) -> bool:
     """Reduce what comes through ``inbox``; True if the callback closed it, False if the
-    callback's process went away."""
+    callback's process went away.
+
+    The first document waits for ``importer`` (``_import_ahead``) to finish: two threads
+    importing one package (dask, through tiled's client and through a handler) can each
+    get the other's half-made module, and the import fails."""
     # A thread reads the next message from the pipe (without the interpreter lock) while
     # this one reduces the last; one message waits at most, so the pipe still pushes back.
     received: queue.Queue[Any] = queue.Queue(maxsize=1)
@@ -718,6 +734,9 @@ def _serve(inbox: MessagePipe, router: LiveRouter, tell: Any, forwarder: _ChildD
         if items is None:  # the callback's process has gone: what it sent is done
             return False
         for item in items:
+            if importer is not None and item[0] in ("doc", "flush"):
+                importer.join()
+                importer = None
             if item[0] == "doc":
                 router(item[1], item[2])
             elif item[0] == "flush":

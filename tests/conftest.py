@@ -46,6 +46,7 @@ def _stop_store_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     for server_file in tmp_path_factory.getbasetemp().rglob(SERVER_FILE):
         stop_server(server_file.parent)
 
+
 # --- the session's store ------------------------------------------------------------------
 
 
@@ -89,9 +90,22 @@ def module_store_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(module_store_folder: Path, raw_folder: Path) -> AnalysisStore:
-    """The module's own embedded store; the raw frames under ``raw_folder`` are readable."""
-    return AnalysisStore.open(module_store_folder, readable=[raw_folder])
+def store(
+    request: pytest.FixtureRequest, module_store_folder: Path, raw_folder: Path
+) -> Iterator[AnalysisStore]:
+    """The module's own embedded store; the raw frames under ``raw_folder`` are readable.
+
+    A module whose tests start many worker processes sets ``STORE_SERVED = True``: the store
+    is then served by its local server, as a user's store is, and each worker opens it in a
+    fraction of a second instead of importing tiled's server stack (the server's own start,
+    seconds, is paid once).
+    """
+    from bluesky_analysis_store._local_server import stop_server
+
+    served = getattr(request.module, "STORE_SERVED", False)
+    yield AnalysisStore.open(module_store_folder, readable=[raw_folder], served=served)
+    if served:
+        stop_server(module_store_folder)
 
 
 # --- a tiled server process of the module's own ------------------------------------------
@@ -216,3 +230,28 @@ def make_callback(store: AnalysisStore):
     yield make
     for callback in made:
         callback.close(timeout=60)
+
+
+# --- the order modules run in ---------------------------------------------------------------
+
+# pytest-xdist (``--dist loadfile``) gives each free worker the next module in collection
+# order. Modules that take minutes go first, so that no long one starts last and ends the
+# run alone while the other core idles.
+_LONG_MODULES = (
+    "test_outage.py",
+    "test_callback.py",
+    "test_worker_process.py",
+    "test_reprocess.py",
+    "test_reproduce.py",
+    "test_cli.py",
+    "test_disk_full.py",
+    "test_local_server.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
+
+    items.sort(key=rank)  # stable: tests keep their order within a module

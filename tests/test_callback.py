@@ -49,6 +49,9 @@ from bluesky_analysis_store import (  # noqa: E402
     wait_for_derived_wrapper,
 )
 
+# Each test makes callbacks: the module's store is served, as a user's is (conftest.py).
+STORE_SERVED = True
+
 # --- fixtures (the rest are shared: conftest.py) ------------------------------------------
 
 

@@ -1,6 +1,9 @@
-"""store.read: an array read from its local files equals the catalog's read of it."""
+"""store.read and the store client's arrays: an array read from its local files equals the
+catalog's read of it."""
 
 from __future__ import annotations
+
+import os
 
 import h5py
 import numpy as np
@@ -40,10 +43,11 @@ def saved(store: AnalysisStore) -> tuple[str, list[dict]]:
 def test_read_equals_the_catalogs_read_for_every_format(store, saved, key):
     uid, frames = saved
     expected = np.stack([frame["primary"][key] for frame in frames])
-    through_catalog = store[uid]["primary"][key].read()
+    through_catalog = AnalysisStore(store.client.context)[uid]["primary"][key].read()
     by_path = store.read(f"{uid}/primary/{key}")
     by_node = store.read(store[uid]["primary"][key])
-    for values in (through_catalog, by_path, by_node):
+    by_client = store[uid]["primary"][key].read()
+    for values in (through_catalog, by_path, by_node, by_client):
         np.testing.assert_array_equal(values, expected)
         assert values.dtype == expected.dtype
     np.testing.assert_array_equal(store.read(f"{uid}/primary/{key}", slice(1, 3)), expected[1:3])
@@ -72,3 +76,32 @@ def test_an_unknown_path_is_not_found(store, saved):
     uid, _ = saved
     with pytest.raises(RunNotFoundError):
         store.read(f"{uid}/primary/nothing")
+
+
+@pytest.mark.parametrize("key", ["image", "counts", "profile"])
+def test_the_store_clients_arrays_read_their_local_files(store, saved, key):
+    uid, frames = saved
+    expected = np.stack([frame["primary"][key] for frame in frames])
+    array = store[uid]["primary"][key]
+    np.testing.assert_array_equal(array[1:3], expected[1:3])
+    np.testing.assert_array_equal(np.asarray(array), expected)
+    assert array.read().dtype == expected.dtype
+    # Read here, not by the server: files outside a store's folders are refused here.
+    narrow = AnalysisStore(store.client.context, readable_roots=[store.asset_root + "-x"])
+    with pytest.raises(AssetLocationError, match="outside the folders this store may read"):
+        narrow[uid]["primary"][key].read()
+
+
+def test_a_missing_file_is_named(store):
+    uid = store.save(
+        _frames(2), {"purpose": "a file goes missing"}, {"profile": "NPY"}, strict=False
+    )
+    (source,) = store.catalog[f"{uid}/primary/profile"].include_data_sources().data_sources()
+    first = source.assets[0].data_uri.removeprefix("file://localhost")
+    os.remove(first)
+    for read in (
+        lambda: store[uid]["primary"]["profile"].read(),
+        lambda: store.read(f"{uid}/primary/profile"),
+    ):
+        with pytest.raises(FileNotFoundError, match=os.path.basename(first)):
+            read()

@@ -40,6 +40,9 @@ from bluesky_analysis_store.example_reducers import (  # noqa: E402
 )
 from bluesky_analysis_store.sim import spot_image  # noqa: E402
 
+# Each test makes callbacks: the module's store is served, as a user's is (conftest.py).
+STORE_SERVED = True
+
 # The RunEngine, the devices and the module's store are fixtures of conftest.py.
 pytestmark = pytest.mark.usefixtures("runs_saved_in_store")
 
