@@ -656,14 +656,17 @@ def build_embedded_app(
     from tiled.server.app import build_app
 
     from ._catalog_lock import CatalogLock
+    from ._catalog_template import copy_empty_catalog
 
     lock = CatalogLock(folder)
+    catalog = folder / "catalog.db"
     try:
         with lock.held():  # two processes may create the catalog at once
             adapter = from_uri(
-                f"sqlite:///{folder / 'catalog.db'}",
-                # Creating a catalog runs a subprocess (seconds); reopening one need not.
-                init_if_not_exists=not (folder / "catalog.db").is_file(),
+                f"sqlite:///{catalog}",
+                # tiled creates a catalog in a subprocess (seconds): a copy of an empty one
+                # is made instead where it can be, and reopening one needs neither.
+                init_if_not_exists=not (catalog.is_file() or copy_empty_catalog(catalog)),
                 specs=_CATALOG_SPECS,
                 writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
                 readable_storage=list(readable_roots),

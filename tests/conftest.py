@@ -38,6 +38,15 @@ os.environ.setdefault("BLUESKY_ANALYSIS_STORE_SERVED", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _empty_catalog_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """New stores copy their empty catalog from a cache of the session's (shared by the
+    xdist workers of one run), not the user's."""
+    from bluesky_analysis_store._catalog_template import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.getbasetemp().parent / "catalog-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _stop_store_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Stop the local store servers that tests (or the commands they ran) started."""
     yield
@@ -255,3 +264,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
 
     items.sort(key=rank)  # stable: tests keep their order within a module
+
+
+# --- a PostgreSQL cluster of the module's own -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL 15 server on a free 127.0.0.1 port (see _postgres.py), with
+    one empty database; ``postgres.uri()`` names it, ``postgres.createdb(name)`` makes more."""
+    from _postgres import PostgresCluster
+
+    with PostgresCluster() as cluster:
+        yield cluster
