@@ -19,6 +19,7 @@ __all__ = [
     "RunNotFoundError",
     "WriterRootError",
     "PlotError",
+    "MessageError",
 ]
 
 
@@ -93,3 +94,8 @@ class DeliveryError(AnalysisStoreError, RuntimeError):
 class PlotError(AnalysisStoreError, ValueError):
     """A key that cannot be plotted: not in the run (nor, for the x axis, in its parent run),
     not numbers, more than two dimensions an event, or an event index out of range."""
+
+
+class MessageError(AnalysisStoreError, ValueError):
+    """A document that cannot be sent over 0MQ safely, or a message received that is not a
+    bluesky document in the package's encoding (``zmq_dumps``/``zmq_loads``)."""

@@ -26,6 +26,7 @@ from ._commands import (
 )
 from ._exits import PROG, fail
 from ._opening import API_KEY_ENV
+from ._worker import WORKER_HELP, add_worker_arguments, cmd_worker
 
 DEFAULT_LIMIT = 20
 
@@ -110,6 +111,10 @@ examples:
 examples:
   bluesky-analysis-store recover
   bluesky-analysis-store recover --store http://tiled.example:8000 --journal /data/journal""",
+    "worker": """\
+examples:
+  bluesky-analysis-store worker --zmq proxy.example:5578 --reducers mylab.reduce:spot_centroid \\
+      --store http://analysis.example:8000 --root-map /beamline/data=/mnt/beamline/data""",
 }
 
 _MD_HELP = (
@@ -411,4 +416,5 @@ def build_parser() -> argparse.ArgumentParser:
         help="the journal folder (default: the store's: STORE/journal for an embedded store, "
         "$BLUESKY_ANALYSIS_JOURNAL or a folder per server under ~/.local/state for a server)",
     )
+    add_worker_arguments(add("worker", WORKER_HELP, cmd_worker))
     return parser

@@ -1,0 +1,23 @@
+"""Reducers the remote worker of tests/test_remote_worker.py imports (``--reducers``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def frame_total(data: Mapping[str, Any]) -> dict[str, float]:
+    """The spot camera's frame summed, and its brightest pixel."""
+    frame = np.asarray(data["cam"], dtype=np.float64)
+    return {"total": float(frame.sum()), "peak": float(frame.max())}
+
+
+def motor_shifted(data: Mapping[str, Any]) -> dict[str, float]:
+    """The motor's readback plus one."""
+    return {"motor_plus_one": float(data["motor"]) + 1.0}
+
+
+MORE_REDUCERS = [motor_shifted]
+"""A list: ``--reducers _remote_reducers:MORE_REDUCERS`` adds each of its reducers."""
