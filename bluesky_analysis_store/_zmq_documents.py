@@ -45,7 +45,8 @@ def _encode(value: Any) -> Any:
                 f"an array of dtype {value.dtype} holds Python objects and cannot be sent; "
                 "send numbers or strings"
             )
-        contiguous = np.ascontiguousarray(value)
+        # Not np.ascontiguousarray, which makes a 0-d array 1-d.
+        contiguous = value if value.flags.c_contiguous else value.copy(order="C")
         header = [contiguous.dtype.str, list(contiguous.shape), contiguous.tobytes()]
         if contiguous.dtype.names is not None:  # structured: its fields are the dtype
             header[0] = contiguous.dtype.descr
@@ -98,7 +99,7 @@ def _decode_array(code: int, payload: bytes) -> Any:
     if not isinstance(data, bytes) or len(data) != math.prod(shape) * dtype.itemsize:
         raise MessageError(f"an array of {dtype} and shape {tuple(shape)} has the wrong bytes")
     # A copy: writable, and not tied to the message's buffer.
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(shape)).copy()
 
 
 def zmq_loads(data: bytes) -> dict[str, Any]:
