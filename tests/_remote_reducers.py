@@ -19,5 +19,11 @@ def motor_shifted(data: Mapping[str, Any]) -> dict[str, float]:
     return {"motor_plus_one": float(data["motor"]) + 1.0}
 
 
-MORE_REDUCERS = [motor_shifted]
+def frame_normalised(data: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The frame scaled to its brightest pixel, as float32: an array a writer saves."""
+    frame = np.asarray(data["cam"], dtype=np.float32)
+    return {"normalised": frame / frame.max()}
+
+
+MORE_REDUCERS = [motor_shifted, frame_normalised]
 """A list: ``--reducers _remote_reducers:MORE_REDUCERS`` adds each of its reducers."""

@@ -169,10 +169,15 @@ def start_publisher(proxy: Proxy, folders: dict[str, Path]) -> Process:
     return publisher
 
 
-def start_worker(proxy: Proxy, folders: dict[str, Path], store: str, **env: str) -> Process:
+def start_worker(
+    proxy: Proxy, folders: dict[str, Path], store: str, writer: str, **env: str
+) -> Process:
+    """The worker command, reducing with ``REDUCERS`` into ``store``; ``writer`` is the
+    format of the derived array ``normalised``."""
     root_map = f"{folders['root_as']}={folders['mounted']}"
     command = [sys.executable, "-m", "bluesky_analysis_store", "worker", "--zmq", proxy.out_address,
-               "--store", store, "--root-map", root_map]  # fmt: skip
+               "--store", store, "--root-map", root_map, "--writer", f"normalised={writer}",
+               "--stream", "primary"]  # fmt: skip
     for name in REDUCERS:
         command += ["--reducers", name]
     worker = Process(command, _env(**env), "the worker")
@@ -247,7 +252,7 @@ def session(
         midway_uid = publisher.wait_for("raw ", after=after).split()[1]
         publisher.wait_for("event 2", after=after)
         worker = start_worker(
-            proxy, folders, str(remote_store_folder), BLUESKY_ANALYSIS_STORE_SERVED="1"
+            proxy, folders, str(remote_store_folder), "TIFF", BLUESKY_ANALYSIS_STORE_SERVED="1"
         )
         processes.append(worker)
         connected(publisher_ping(publisher), worker)
@@ -299,6 +304,7 @@ def check_child(child: Any, scan: Scan) -> None:
     assert [code["name"] for code in start["provenance"]["code"]] == [
         "_remote_reducers:frame_total",
         "_remote_reducers:motor_shifted",
+        "_remote_reducers:frame_normalised",
     ]
     assert child.stop["exit_status"] == "success"
     primary = child["primary"]
@@ -307,6 +313,10 @@ def check_child(child: Any, scan: Scan) -> None:
     np.testing.assert_array_equal(primary["total"].read(), [frame.sum() for frame in frames])
     np.testing.assert_array_equal(primary["peak"].read(), [frame.max() for frame in frames])
     np.testing.assert_array_equal(primary["motor_plus_one"].read(), np.array(scan.positions) + 1.0)
+    normalised = primary["normalised"].read()
+    assert normalised.dtype == np.float32
+    expected = [frame.astype(np.float32) / np.float32(frame.max()) for frame in frames]
+    np.testing.assert_array_equal(normalised, expected)
 
 
 @pytest.fixture(scope="module")
@@ -411,6 +421,7 @@ def test_children_are_complete_after_a_server_restart(
         proxy,
         folders,
         server.uri,
+        "inline",  # the server reads files of its own folder only; none is given here
         TILED_API_KEY=API_KEY,
         BLUESKY_ANALYSIS_JOURNAL=str(tmp_path / "journal"),
     )
