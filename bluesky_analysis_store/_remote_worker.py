@@ -96,6 +96,7 @@ class DocumentGate:
         self._sink = sink
         self._runs: set[str] = set()
         self._descriptors: dict[str, str] = {}  # descriptor uid -> run start uid
+        self._next_seq_num: dict[str, int] = {}  # descriptor uid -> the seq_num expected
         self._resources: dict[str, str | None] = {}  # (stream) resource uid -> run start uid
         self._warned_orphans = False
         self.ignored = 0  # documents dropped, malformed or of runs joined midway
@@ -114,6 +115,8 @@ class DocumentGate:
             self.ignored += 1
             self._orphan(name, doc)
             return
+        if name in ("event", "event_page"):
+            self._check_sequence(doc)
         try:
             self._sink(name, doc)
         except Exception:  # one bad document must not end the worker
@@ -147,6 +150,25 @@ class DocumentGate:
         # event, event_page, stream_datum
         return doc["descriptor"] in self._descriptors
 
+    def _check_sequence(self, doc: Mapping[str, Any]) -> None:
+        """Warn of events lost in transit: 0MQ drops messages while a connection is down or
+        a subscriber lags more than its high-water mark, and says nothing."""
+        seq_nums = doc["seq_num"] if isinstance(doc["seq_num"], list) else [doc["seq_num"]]
+        if not seq_nums:
+            return
+        descriptor = doc["descriptor"]
+        expected = self._next_seq_num.get(descriptor, 1)
+        if seq_nums[0] > expected:
+            logger.warning(
+                "events %d to %d of stream %s of run %s never arrived (lost in transit); "
+                "its child run lacks them",
+                expected,
+                seq_nums[0] - 1,
+                descriptor,
+                self._descriptors.get(descriptor),
+            )
+        self._next_seq_num[descriptor] = max(expected, seq_nums[-1] + 1)
+
     def _orphan(self, name: str, doc: Mapping[str, Any]) -> None:
         if not self._warned_orphans:
             self._warned_orphans = True
@@ -161,6 +183,8 @@ class DocumentGate:
 
     def _forget(self, run_start: str) -> None:
         self._runs.discard(run_start)
+        for descriptor in [d for d, run in self._descriptors.items() if run == run_start]:
+            self._next_seq_num.pop(descriptor, None)
         for table in (self._descriptors, self._resources):
             for uid in [uid for uid, run in table.items() if run == run_start]:
                 del table[uid]

@@ -196,6 +196,25 @@ def _of(doc: dict[str, Any], documents: list[tuple[str, dict[str, Any]]], run: s
     )
 
 
+def test_events_lost_in_transit_are_told(
+    RE: Any,  # noqa: N803
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    documents, (first, _) = _two_runs(RE, tmp_path)
+    lost = [d for n, d in documents if n == "event" and _of(d, documents, first)][1]
+    sink = _Recorder()
+    gate = DocumentGate(sink)
+    with caplog.at_level(logging.WARNING, "bluesky_analysis_store._remote_worker"):
+        for name, doc in documents:
+            if doc is not lost:
+                gate(name, doc)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("events 2 to 2 of stream ")
+    assert first in warning
+    assert len(sink.documents) == len(documents) - 1
+
+
 def test_malformed_documents_and_failing_sinks_do_not_stop_the_gate(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
