@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -90,10 +92,18 @@ class DocumentGate:
     ``sink(name, doc)`` is given the documents let through; what it raises is logged. A
     document of a run joined midway is dropped; the first of such a run is warned about,
     the rest (to its stop) are dropped quietly.
+
+    ``run_timeout`` (seconds, None for never): :meth:`expire` ends a run that has sent
+    nothing for that long (its RunEngine's process died, or the link did, before its stop):
+    the sink is given a stop of ``exit_status: "fail"`` whose ``reason`` says so, so that
+    its child run is closed and delivered, not left open while the worker lives. Documents
+    of it that come later are dropped as those of a run joined midway.
     """
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: Any, *, run_timeout: float | None = None) -> None:
         self._sink = sink
+        self.run_timeout = run_timeout
+        self._last_seen: dict[str, float] = {}  # open run start uid -> time.monotonic()
         self._runs: set[str] = set()
         self._descriptors: dict[str, str] = {}  # descriptor uid -> run start uid
         self._next_seq_num: dict[str, int] = {}  # descriptor uid -> the seq_num expected
@@ -117,12 +127,54 @@ class DocumentGate:
             return
         if name in ("event", "event_page"):
             self._check_sequence(doc)
+        run = self._run_of(name, doc)
+        if run is not None:
+            self._last_seen[run] = time.monotonic()
+        self._give(name, doc)
+
+    def _give(self, name: str, doc: dict[str, Any]) -> None:
         try:
             self._sink(name, doc)
         except Exception:  # one bad document must not end the worker
             logger.exception("the analysis callback failed on a %s document", name)
         if name == "stop":
             self._forget(doc["run_start"])
+
+    def _run_of(self, name: str, doc: Mapping[str, Any]) -> str | None:
+        if name == "start":
+            return doc["uid"]
+        if name in ("descriptor", "stop"):
+            return doc["run_start"]
+        if name in ("resource", "stream_resource"):
+            return doc.get("run_start")
+        if name in ("datum", "datum_page"):
+            return self._resources.get(doc["resource"])
+        return self._descriptors.get(doc["descriptor"])
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """End the open runs silent for ``run_timeout`` seconds (see the class); their
+        uids."""
+        if self.run_timeout is None:
+            return []
+        now = time.monotonic() if now is None else now
+        silent = [run for run, seen in self._last_seen.items() if now - seen >= self.run_timeout]
+        for run in silent:
+            reason = (
+                f"no stop document came: the raw run sent nothing for {self.run_timeout:g} s "
+                "(its RunEngine's process or the link to it ended first); closed by the "
+                "remote worker"
+            )
+            logger.warning("run %s: %s", run, reason)
+            stop = {
+                "uid": str(uuid.uuid4()),
+                "time": time.time(),
+                "run_start": run,
+                "exit_status": "fail",
+                "reason": reason,
+                "num_events": {},
+            }
+            self._give("stop", stop)
+        return silent
 
     def _skip(self, message: str) -> None:
         self.ignored += 1
@@ -183,6 +235,7 @@ class DocumentGate:
 
     def _forget(self, run_start: str) -> None:
         self._runs.discard(run_start)
+        self._last_seen.pop(run_start, None)
         for descriptor in [d for d, run in self._descriptors.items() if run == run_start]:
             self._next_seq_num.pop(descriptor, None)
         for table in (self._descriptors, self._resources):
@@ -258,8 +311,8 @@ class SafeRemoteDispatcher(RemoteDispatcher):
 class RemoteWorker:
     """Reduce the runs published to a 0MQ proxy into ``store``, until :meth:`stop`.
 
-    ``address`` is the proxy's output side (``tcp://host:port``). The other arguments are
-    :class:`AnalysisStoreCallback`'s.
+    ``address`` is the proxy's output side (``tcp://host:port``); ``run_timeout`` is
+    :class:`DocumentGate`'s. The other arguments are :class:`AnalysisStoreCallback`'s.
     """
 
     def __init__(
@@ -271,6 +324,7 @@ class RemoteWorker:
         streams: Iterable[str] = ("primary",),
         writers: Mapping[str, str | None] | None = None,
         root_map: Mapping[str, str] | None = None,
+        run_timeout: float | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         self.address = address
@@ -293,11 +347,23 @@ class RemoteWorker:
             queue_size=_QUEUE_DOCUMENTS,
             queue_bytes=_QUEUE_BYTES,
         )
-        self.gate = DocumentGate(self.callback)
+        self.gate = DocumentGate(self.callback, run_timeout=run_timeout)
         self.dispatcher = SafeRemoteDispatcher(address)
         self.dispatcher.subscribe(self.gate)
-        self.dispatcher.on_listening = self._say_listening
+        self.dispatcher.on_listening = self._listening
         self._stopping = False
+
+    def _listening(self) -> None:
+        self._say_listening()
+        if self.gate.run_timeout is not None:
+            self._expire_every(min(self.gate.run_timeout / 4, 5.0))
+
+    def _expire_every(self, interval: float) -> None:
+        try:
+            self.gate.expire()
+        except Exception:  # the check runs again; the worker goes on
+            logger.exception("ending silent runs failed")
+        self.dispatcher.loop.call_later(interval, self._expire_every, interval)
 
     def _say_listening(self) -> None:
         logger.info(

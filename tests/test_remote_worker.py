@@ -40,6 +40,7 @@ TESTS = Path(__file__).parent
 DEADLINE = 120.0  # seconds to wait for a process to say something: not a measured time
 FRAME_SHAPE = (8, 8)  # _publish_scans.FRAME_SHAPE
 REDUCERS = ["_remote_reducers:frame_total", "_remote_reducers:MORE_REDUCERS"]
+RUN_TIMEOUT = 4.0  # the embedded store's worker: --run-timeout (no scan here pauses so long)
 _tags = itertools.count()
 
 
@@ -170,16 +171,22 @@ def start_publisher(proxy: Proxy, folders: dict[str, Path]) -> Process:
 
 
 def start_worker(
-    proxy: Proxy, folders: dict[str, Path], store: str, writer: str, **env: str
+    proxy: Proxy,
+    folders: dict[str, Path],
+    store: str,
+    writer: str,
+    options: tuple[str, ...] = (),
+    **env: str,
 ) -> Process:
     """The worker command, reducing with ``REDUCERS`` into ``store``; ``writer`` is the
-    format of the derived array ``normalised``."""
+    format of the derived array ``normalised``; ``options`` are more of its options."""
     root_map = f"{folders['root_as']}={folders['mounted']}"
     command = [sys.executable, "-m", "bluesky_analysis_store", "worker", "--zmq", proxy.out_address,
                "--store", store, "--root-map", root_map, "--writer", f"normalised={writer}",
                "--stream", "primary"]  # fmt: skip
     for name in REDUCERS:
         command += ["--reducers", name]
+    command += options
     worker = Process(command, _env(**env), "the worker")
     worker.wait_for("listening on", stream="stderr")
     return worker
@@ -252,7 +259,12 @@ def session(
         midway_uid = publisher.wait_for("raw ", after=after).split()[1]
         publisher.wait_for("event 2", after=after)
         worker = start_worker(
-            proxy, folders, str(remote_store_folder), "TIFF", BLUESKY_ANALYSIS_STORE_SERVED="1"
+            proxy,
+            folders,
+            str(remote_store_folder),
+            "TIFF",
+            ("--run-timeout", str(RUN_TIMEOUT)),
+            BLUESKY_ANALYSIS_STORE_SERVED="1",
         )
         processes.append(worker)
         connected(publisher_ping(publisher), worker)
@@ -410,6 +422,31 @@ def test_a_new_publisher_is_reduced_by_the_same_worker(
 
 
 @pytest.mark.slow
+def test_a_run_whose_publisher_was_killed_is_closed_as_failed(
+    session: dict[str, Any], proxy: Proxy, folders: dict[str, Path], reader: AnalysisStore
+) -> None:
+    """SIGKILL of the RunEngine's process mid-run: no stop comes; after --run-timeout the
+    child run is closed, failed, with what was reduced, and a new publisher is reduced."""
+    worker = session["worker"]
+    old = session["publisher"]
+    after = len(old.stdout)
+    old.send("endless")
+    raw_uid = old.wait_for("raw ", after=after).split()[1]
+    old.wait_for("event 3", after=after)
+    old.process.kill()
+    old.process.wait()
+    child = complete_child(reader, raw_uid, worker)
+    assert child.stop["exit_status"] == "fail"
+    assert "no stop document came" in child.stop["reason"]
+    events_published = sum(1 for line in old.stdout[after:] if line.startswith("event "))
+    assert 3 <= child.stop["num_events"]["primary"] <= events_published
+    new = start_publisher(proxy, folders)
+    session["processes"].append(new)
+    session["publisher"] = new
+    connected(publisher_ping(new), worker)
+
+
+@pytest.mark.slow
 def test_children_are_complete_after_a_server_restart(
     session: dict[str, Any],
     proxy: Proxy,
@@ -455,6 +492,9 @@ class _TouchOnLoad:
 # --- usage errors, in this process ------------------------------------------------------
 
 
+_VALID = ["--zmq", "localhost:5578", "--reducers", "_remote_reducers:frame_total"]
+
+
 @pytest.mark.parametrize(
     ("arguments", "option"),
     [
@@ -464,28 +504,11 @@ class _TouchOnLoad:
         (["--zmq", "localhost:5578", "--reducers", "no_such_module_here:f"], "--reducers"),
         (["--zmq", "localhost:5578", "--reducers", "_remote_reducers:nothing"], "--reducers"),
         (["--zmq", "localhost:5578", "--reducers", "_remote_reducers"], "--reducers"),
-        (
-            [
-                "--zmq",
-                "localhost:5578",
-                "--reducers",
-                "_remote_reducers:frame_total",
-                "--root-map",
-                "relative=/new",
-            ],
-            "--root-map",
-        ),  # fmt: skip
-        (
-            [
-                "--zmq",
-                "localhost:5578",
-                "--reducers",
-                "_remote_reducers:frame_total",
-                "--root-map",
-                "/old",
-            ],
-            "--root-map",
-        ),  # fmt: skip
+        ([*_VALID, "--root-map", "relative=/new"], "--root-map"),
+        ([*_VALID, "--root-map", "/old"], "--root-map"),
+        ([*_VALID, "--run-timeout", "0"], "--run-timeout"),
+        ([*_VALID, "--run-timeout", "soon"], "--run-timeout"),
+        ([*_VALID, "--writer", "normalised=NoSuchFormat"], "--writer"),
     ],
 )
 def test_usage_errors_name_the_option(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,35 @@ def test_events_lost_in_transit_are_told(
     assert warning.startswith("events 2 to 2 of stream ")
     assert first in warning
     assert len(sink.documents) == len(documents) - 1
+
+
+def test_a_silent_run_is_ended_after_run_timeout(
+    RE: Any,  # noqa: N803
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    documents, (first, second) = _two_runs(RE, tmp_path)
+    raw_stop = next(i for i, (n, d) in enumerate(documents) if n == "stop")
+    sink = _Recorder()
+    gate = DocumentGate(sink, run_timeout=60.0)
+    for name, doc in documents[:raw_stop]:  # the first run, without its stop
+        gate(name, doc)
+    assert gate.expire() == []  # not silent long enough
+    with caplog.at_level(logging.WARNING, "bluesky_analysis_store._remote_worker"):
+        assert gate.expire(time.monotonic() + 60.0) == [first]
+    name, stop = sink.documents[-1]
+    assert name == "stop"
+    assert stop["run_start"] == first
+    assert stop["exit_status"] == "fail"
+    assert "no stop document came" in stop["reason"]
+    assert any(first in r.getMessage() for r in caplog.records)
+    received = len(sink.documents)
+    for name, doc in documents[raw_stop:]:  # its late stop is dropped; the next run is not
+        gate(name, doc)
+    assert [n for n, _ in sink.documents[received:]] == [
+        n for n, d in documents[raw_stop:] if _of(d, documents, second)
+    ]
+    assert gate.expire(time.monotonic() + 3600) == []  # nothing open
 
 
 def test_malformed_documents_and_failing_sinks_do_not_stop_the_gate(

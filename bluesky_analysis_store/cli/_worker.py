@@ -20,7 +20,14 @@ from ._commands import _about, _check_formats
 from ._exits import EXIT_OK
 from ._opening import open_store
 
-__all__ = ["WORKER_HELP", "add_worker_arguments", "cmd_worker", "root_map_entry", "zmq_address"]
+__all__ = [
+    "WORKER_HELP",
+    "add_worker_arguments",
+    "cmd_worker",
+    "positive_seconds",
+    "root_map_entry",
+    "zmq_address",
+]
 
 WORKER_HELP = (
     "reduce, on this machine, the runs a RunEngine elsewhere publishes over 0MQ "
@@ -59,6 +66,17 @@ def root_map_entry(text: str) -> tuple[str, str]:
             f"expected OLD=NEW, two absolute paths (e.g. /beamline/data=/mnt/data), got {text!r}"
         )
     return old.rstrip("/") or "/", new.rstrip("/") or "/"
+
+
+def positive_seconds(text: str) -> float:
+    """A number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def add_worker_arguments(worker: argparse.ArgumentParser) -> None:
@@ -100,6 +118,14 @@ def add_worker_arguments(worker: argparse.ArgumentParser) -> None:
         action="append",
         help="a raw stream to reduce (default: primary); repeat for more",
     )
+    worker.add_argument(
+        "--run-timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        help="close a raw run's child run as failed once the raw run has sent nothing for "
+        "SECONDS (its RunEngine died before the stop); choose it longer than any pause of "
+        "your plans (default: never; runs still open when the worker stops are closed then)",
+    )
 
 
 def _reducers(names: Sequence[str]) -> list[Any]:
@@ -131,6 +157,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         streams=args.stream or ["primary"],
         writers=dict(args.writer) if args.writer else None,
         root_map=root_map,
+        run_timeout=args.run_timeout,
     )
     # The listening line and the per-run summaries are what a service's log shows.
     worker_logger = logging.getLogger("bluesky_analysis_store._remote_worker")
