@@ -533,3 +533,14 @@ def test_a_root_map_target_the_store_may_not_read_is_refused(
     assert len(err.splitlines()) == 1
     assert err.startswith("bluesky-analysis-store: error: --root-map:")
     assert str(tmp_path) in err
+
+
+def test_help_shows_the_options_and_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["worker", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--zmq", "--reducers", "--root-map", "--writer", "--stream", "--run-timeout"):
+        assert option in out
+    assert "zmq_dumps" in out
+    assert "\n  bluesky-analysis-store worker --zmq " in out
