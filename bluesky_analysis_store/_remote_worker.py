@@ -11,11 +11,13 @@ pickle) and checked against event-model's schema; a message that fails either is
 skipped. Documents of a run whose start the worker did not see (the worker joined it
 midway) are dropped, with one warning, rather than half-reduced. A publisher that exits and
 a new one publishing to the same proxy need nothing of the worker: the proxy stays, and so
-does the worker's subscription.
+does the worker's subscription. A run whose publisher died before its stop is closed as
+failed after ``run_timeout`` seconds of silence, if one is given, else when the worker stops.
 
 0MQ's PUB/SUB sockets drop messages for a subscriber more than their high-water mark (1000
-messages by default, on the proxy and here) behind; the worker therefore only decodes and
-queues on the socket's loop, and reduces on a worker thread behind a deep queue.
+messages by default, on the proxy and here) behind, and while a link is down, silently; the
+worker therefore only decodes, checks and queues on the socket's loop, reduces on a worker
+thread behind a deep queue, and warns of a gap in a stream's ``seq_num``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from ._commands import (
 )
 from ._exits import PROG, fail
 from ._opening import API_KEY_ENV
+from ._watch import WATCH_HELP, add_watch_arguments, cmd_watch
 from ._worker import WORKER_HELP, add_worker_arguments, cmd_worker
 
 DEFAULT_LIMIT = 20
@@ -111,6 +112,11 @@ examples:
 examples:
   bluesky-analysis-store recover
   bluesky-analysis-store recover --store http://tiled.example:8000 --journal /data/journal""",
+    "watch": """\
+examples:
+  bluesky-analysis-store watch
+  bluesky-analysis-store watch --children c6041c47 --plot centroid_x -o live.png
+  bluesky-analysis-store --store http://analysis.example:8000 watch --json --runs 1""",
     "worker": """\
 examples:
   bluesky-analysis-store worker --zmq proxy.example:5578 --reducers mylab.reduce:spot_centroid \\
@@ -417,4 +423,5 @@ def build_parser() -> argparse.ArgumentParser:
         "$BLUESKY_ANALYSIS_JOURNAL or a folder per server under ~/.local/state for a server)",
     )
     add_worker_arguments(add("worker", WORKER_HELP, cmd_worker))
+    add_watch_arguments(add("watch", WATCH_HELP, cmd_watch))
     return parser
