@@ -312,6 +312,14 @@ class _OneRequestAtATime:
         self.in_flight = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":  # a subscriber (watch): the server is in use
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+                self.last_request = time.monotonic()
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -369,6 +377,12 @@ async def _watch(server: Any, app: _OneRequestAtATime, folder: Path, idle_limit:
         server.should_exit = True
 
 
+# tiled's streaming cache, in memory (one server process): clients subscribed over websockets
+# (``watch``) are told of new runs and rows. Data is kept for a subscriber that asks to start
+# from earlier for two minutes: a live view's needs, not an archive's.
+_STREAMING = {"uri": "memory", "data_ttl": 120}
+
+
 def serve(folder: Path, port: int | None = None) -> None:
     import uvicorn
 
@@ -378,7 +392,8 @@ def serve(folder: Path, port: int | None = None) -> None:
     readable = readable_folders(folder)
     key = api_key(folder)
     app = _OneRequestAtATime(
-        build_embedded_app(folder, readable, api_key=key), folder / "write.lock"
+        build_embedded_app(folder, readable, api_key=key, cache_config=_STREAMING),
+        folder / "write.lock",
     )
     sock = _bind(port)
     config = uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)

@@ -649,9 +649,14 @@ def readable_folders(folder: Path) -> list[str]:
 
 
 def build_embedded_app(
-    folder: Path, readable_roots: Sequence[str], *, api_key: str | None = None
+    folder: Path,
+    readable_roots: Sequence[str],
+    *,
+    api_key: str | None = None,
+    cache_config: dict[str, Any] | None = None,
 ) -> Any:
-    """The tiled app serving an embedded store's folder (its catalog created if needed)."""
+    """The tiled app serving an embedded store's folder (its catalog created if needed),
+    with tiled's streaming cache when ``cache_config`` is given."""
     from tiled.catalog import from_uri
     from tiled.server.app import build_app
 
@@ -670,6 +675,7 @@ def build_embedded_app(
                 specs=_CATALOG_SPECS,
                 writable_storage=[str(folder / "data"), f"sqlite:///{folder / 'tables.db'}"],
                 readable_storage=list(readable_roots),
+                cache_config=cache_config,
             )
     finally:
         lock.close()

@@ -33,9 +33,11 @@ def store_location(args: argparse.Namespace) -> str:
     return getattr(args, "store", None) or default_store_location()
 
 
-def _open(location: str, args: argparse.Namespace, *, create: bool) -> Any:
+def _open(
+    location: str, args: argparse.Namespace, *, create: bool, served: bool | None = None
+) -> Any:
     """The :class:`AnalysisStore` at ``location``; a folder without a catalog is refused
-    unless ``create``."""
+    unless ``create``; ``served`` as for :meth:`AnalysisStore.open`."""
     from .._store import AnalysisStore
 
     if is_uri(location):
@@ -61,12 +63,16 @@ def _open(location: str, args: argparse.Namespace, *, create: bool) -> Any:
     elif os.path.exists(folder) and not os.path.isdir(folder):
         raise CommandError(f"cannot make an analysis store at {folder}: it is a file")
     logger.info("opening the analysis store in %s", folder)
-    return AnalysisStore.open(folder)
+    return AnalysisStore.open(folder, served=served)
 
 
-def open_store(args: argparse.Namespace, *, create: bool = False) -> Any:
-    """The analysis store the command works on; only ``create`` may make a new one."""
-    return _open(store_location(args), args, create=create)
+def open_store(
+    args: argparse.Namespace, *, create: bool = False, served: bool | None = None
+) -> Any:
+    """The analysis store the command works on; only ``create`` may make a new one.
+    ``served=True`` opens an embedded store through its local server whatever
+    ``$BLUESKY_ANALYSIS_STORE_SERVED`` says (for what only the server does, streaming)."""
+    return _open(store_location(args), args, create=create, served=served)
 
 
 def open_source(args: argparse.Namespace, store: Any) -> Any:
