@@ -69,6 +69,12 @@ _MODULES = {
     "ChildRun": "._store",
     "DATA_ROOT_ENV": "._writer_specs",
     **dict.fromkeys(
+        ["DerivedRunWatcher", "RunEnded", "RunStarted", "SavedEvent", "SavedFrames"],
+        "._watching",
+    ),
+    "zmq_dumps": "._zmq_documents",
+    "zmq_loads": "._zmq_documents",
+    **dict.fromkeys(
         ["FileFormat", "FormatRegistry", "Handler", "RewindableWriter", "Writer", "formats"],
         ".formats",
     ),
@@ -106,6 +112,14 @@ __all__ = [
     "ingest",
     "reprocess",
     "reproduce",
+    # A facility-wide store: watching it, and documents sent over 0MQ
+    "DerivedRunWatcher",
+    "RunEnded",
+    "RunStarted",
+    "SavedEvent",
+    "SavedFrames",
+    "zmq_dumps",
+    "zmq_loads",
     # Composing and saving runs
     "AnalysisStore",
     "ChildRun",

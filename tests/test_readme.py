@@ -251,6 +251,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         patch.setenv(STORE_ENV, str(folder / "analysis-store"))
         patch.setenv(DATA_ROOT_ENV, str(folder / "analysis-data"))
         patch.delenv(JOURNAL_ENV, raising=False)
+        # As a user's: the store served by its folder's local server (watch needs it).
+        patch.delenv("BLUESKY_ANALYSIS_STORE_SERVED", raising=False)
         try:
             follow(followed)
             yield followed
