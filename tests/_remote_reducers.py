@@ -27,3 +27,8 @@ def frame_normalised(data: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 MORE_REDUCERS = [motor_shifted, frame_normalised]
 """A list: ``--reducers _remote_reducers:MORE_REDUCERS`` adds each of its reducers."""
+
+
+def detector_total(data: Mapping[str, Any]) -> dict[str, float]:
+    """The pixel sum of an ophyd-async detector's event (its ``det`` frames)."""
+    return {"det_total": float(np.asarray(data["det"], dtype=np.float64).sum())}

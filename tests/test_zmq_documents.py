@@ -150,6 +150,64 @@ def test_anything_but_the_encoding_is_refused_and_never_unpickled(tmp_path: Path
 # --- what the worker lets through ---------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_an_ophyd_async_run_through_the_encoding_and_the_gate_is_reduced_relocated(
+    RE: Any,  # noqa: N803
+    shared_store: Any,
+    tmp_path: Path,
+) -> None:
+    """stream_resource/stream_datum documents (HDF5 of a SimBlobDetector) cross the
+    encoding and the gate; their URIs name the acquisition machine's mount, and the root map
+    finds the files here."""
+    import h5py
+    from _remote_reducers import detector_total
+    from bluesky.plans import count as count_plan
+    from ophyd_async import sim
+    from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider
+    from ophyd_async.plan_stubs import ensure_connected
+
+    from bluesky_analysis_store import AnalysisStoreCallback
+
+    store = shared_store
+    folder = tmp_path / "blob"
+    folder.mkdir()
+    acquisition_mount = "/acquisition-machine/blob"
+    detector = sim.SimBlobDetector(
+        StaticPathProvider(UUIDFilenameProvider(), folder), sim.PatternGenerator(), name="det"
+    )
+    callback = AnalysisStoreCallback(
+        [detector_total], store, background=False, root_map={acquisition_mount: str(folder)}
+    )
+    gate = DocumentGate(callback)
+    names: list[str] = []
+    files: list[str] = []
+
+    def over_the_wire(name: str, doc: dict[str, Any]) -> None:
+        if name == "stream_resource":
+            files.append(doc["uri"].removeprefix("file://localhost"))
+            doc = {**doc, "uri": doc["uri"].replace(str(folder), acquisition_mount)}
+        names.append(name)
+        gate(name, zmq_loads(zmq_dumps(doc)))
+
+    RE.subscribe(over_the_wire)
+    try:
+        RE(ensure_connected(detector))
+        (raw_uid,) = RE(count_plan([detector], num=3))
+    finally:
+        callback.close(timeout=60)
+    assert {"stream_resource", "stream_datum"} <= set(names)
+    assert gate.ignored == 0
+    [child_uid] = store.children(raw_uid)
+    child = store[child_uid]
+    assert child.stop["exit_status"] == "success"
+    [path] = sorted(set(files))[:1]
+    with h5py.File(path, "r", swmr=True, locking=False) as file:
+        frames = np.asarray(file["/entry/data/data"], dtype=np.float64)
+    np.testing.assert_array_equal(
+        child["primary"]["det_total"].read(), frames.reshape(3, -1).sum(axis=1)
+    )
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.documents: list[tuple[str, dict[str, Any]]] = []
