@@ -26,6 +26,7 @@ from ._commands import (
 )
 from ._exits import PROG, fail
 from ._opening import API_KEY_ENV
+from ._serve import SERVE_HELP, add_serve_arguments, cmd_serve
 from ._watch import WATCH_HELP, add_watch_arguments, cmd_watch
 from ._worker import WORKER_HELP, add_worker_arguments, cmd_worker
 
@@ -117,6 +118,11 @@ examples:
   bluesky-analysis-store watch
   bluesky-analysis-store watch --children c6041c47 --plot centroid_x -o live.png
   bluesky-analysis-store --store http://analysis.example:8000 watch --json --runs 1""",
+    "serve": """\
+examples:
+  TILED_API_KEY=... bluesky-analysis-store serve --store /srv/analysis
+  bluesky-analysis-store serve --store /srv/analysis --read /data/raw --host 0.0.0.0 \\
+      --database postgresql://tiled@db.example/analysis --streaming redis://cache.example:6379""",
     "worker": """\
 examples:
   bluesky-analysis-store worker --zmq proxy.example:5578 --reducers mylab.reduce:spot_centroid \\
@@ -422,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the journal folder (default: the store's: STORE/journal for an embedded store, "
         "$BLUESKY_ANALYSIS_JOURNAL or a folder per server under ~/.local/state for a server)",
     )
+    add_serve_arguments(add("serve", SERVE_HELP, cmd_serve))
     add_worker_arguments(add("worker", WORKER_HELP, cmd_worker))
     add_watch_arguments(add("watch", WATCH_HELP, cmd_watch))
     return parser

@@ -28,7 +28,8 @@ class FormatRegistry:
         self._by_spec: dict[str, FileFormat] = {}
         self._by_name: dict[str, FileFormat] = {}
         self._load_entry_points = load_entry_points
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._loading = False
 
     def register(self, fmt: FileFormat, *, overwrite: bool = False) -> None:
         """Add ``fmt``; refuse a different format under a spec or name already taken."""
@@ -83,16 +84,21 @@ class FormatRegistry:
         if not self._load_entry_points:
             return
         with self._lock:
-            if not self._load_entry_points:
-                return
+            if not self._load_entry_points or self._loading:
+                return  # loaded, or this thread is loading (a format registering itself)
+            self._loading = True
+            try:
+                for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+                    fmt = entry_point.load()
+                    if fmt.spec != entry_point.name:
+                        raise FormatRegistryError(
+                            f"entry point {entry_point.name!r} names format spec {fmt.spec!r}"
+                        )
+                    self._register(fmt, overwrite=False)
+            finally:
+                self._loading = False
+            # Only now: another thread must not find the registry empty while it loads.
             self._load_entry_points = False
-            for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-                fmt = entry_point.load()
-                if fmt.spec != entry_point.name:
-                    raise FormatRegistryError(
-                        f"entry point {entry_point.name!r} names format spec {fmt.spec!r}"
-                    )
-                self._register(fmt, overwrite=False)
 
 
 formats = FormatRegistry()
