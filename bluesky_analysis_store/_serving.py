@@ -22,7 +22,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,20 +270,19 @@ def _stopping_quietly() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def serve(settings: ServerSettings, *, extra_log: Sequence[str] = ()) -> None:
+def serve(settings: ServerSettings) -> None:
     """Serve the store in the foreground until SIGINT or SIGTERM."""
     import uvicorn
 
-    app = build_server_app(settings)
+    # The port first: a port in use is said at once, not after the catalog is opened.
     sock = _listening_socket(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)
-    server = uvicorn.Server(config)
-    shown_host = f"[{host}]" if ":" in host else host
-    logger.info("listening on http://%s:%d, serving %s", shown_host, port, settings.describe())
-    for line in extra_log:
-        logger.info("%s", line)
     try:
+        app = build_server_app(settings)
+        host, port = sock.getsockname()[:2]
+        config = uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)
+        server = uvicorn.Server(config)
+        shown_host = f"[{host}]" if ":" in host else host
+        logger.info("listening on http://%s:%d, serving %s", shown_host, port, settings.describe())
         with _stopping_quietly():
             server.run(sockets=[sock])
     finally:

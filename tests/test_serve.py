@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -297,7 +298,9 @@ def test_a_subscriber_is_told_of_a_new_run(served: ServeProcess) -> None:
 # --- the command's own checks -------------------------------------------------------------
 
 
-def _serve_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+def _serve_in_process(
+    capsys: pytest.CaptureFixture[str], *args: str | Path | int
+) -> tuple[int, str]:
     """``main(["serve", *args])`` here: its exit status and stderr."""
     with pytest.raises(SystemExit) as exited:
         main(["serve", *map(str, args)])
@@ -330,13 +333,28 @@ def test_a_bad_database_uri_is_a_one_line_error(
     if database == "UNREACHABLE":
         database = f"postgresql://analysis:hunter2@127.0.0.1:{free_port()}/analysis"
     status, err = _serve_in_process(
-        capsys, "--store", tmp_path / "store", "--api-key", API_KEY, "--database", database
-    )
+        capsys, "--store", tmp_path / "store", "--api-key", API_KEY, "--database", database,
+        "--port", "0",
+    )  # fmt: skip
     assert status == 2
     assert err.startswith("bluesky-analysis-store: error:") and "--database" in err
     assert len(err.strip().splitlines()) == 1
     assert "hunter2" not in err  # a password is never repeated
     assert not (tmp_path / "store").exists()
+
+
+def test_a_port_in_use_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        status, err = _serve_in_process(
+            capsys, "--store", tmp_path / "store", "--api-key", API_KEY, "--port", port
+        )
+    assert status == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert not (tmp_path / "store").exists()  # refused before anything was made
 
 
 def test_a_server_uri_as_the_store_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
