@@ -120,7 +120,7 @@ examples:
   bluesky-analysis-store --store http://analysis.example:8000 watch --json --runs 1""",
     "serve": """\
 examples:
-  TILED_API_KEY=... bluesky-analysis-store serve --store /srv/analysis
+  bluesky-analysis-store serve --store /srv/analysis    # the API key in $TILED_API_KEY
   bluesky-analysis-store serve --store /srv/analysis --read /data/raw --host 0.0.0.0 \\
       --database postgresql://tiled@db.example/analysis --streaming redis://cache.example:6379""",
     "worker": """\
