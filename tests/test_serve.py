@@ -425,3 +425,26 @@ def test_serve_over_an_embedded_folder_takes_turns_with_its_other_writers(
     assert status == 0, server.log()
     assert "listening on http://127.0.0.1:" in server.log()
     assert "stopped serving" in server.log()
+
+
+# --- the test cluster itself --------------------------------------------------------------
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie left for init to reap is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_throwaway_cluster_leaves_no_process_and_no_folder_behind() -> None:
+    from _postgres import PostgresCluster
+
+    with PostgresCluster() as cluster:
+        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        assert _running(pid)
+        assert cluster.uri().startswith("postgresql://analysis@127.0.0.1:")
+    assert not cluster.folder.exists()
+    assert not _running(pid)  # pg_ctl stop -w returned once the server had exited
