@@ -173,6 +173,9 @@ def save_documents(store: Any, documents: list[Document]) -> None:
         store.check_asset_location(name, doc)
     journal = RunJournal(store.journal_folder, documents[0][1]["uid"])
     try:
+        # A journal of this uid left by an earlier attempt (its process ended, perhaps
+        # mid-line) is replaced by the whole run, not appended to.
+        journal.clear()
         journal.append_all(documents)
         journal.sync()
         deliver_documents(store, documents)

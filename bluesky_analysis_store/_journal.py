@@ -166,6 +166,17 @@ class RunJournal:
             except OSError as error:
                 raise JournalError(f"cannot write the journal {self.path}: {error}") from error
 
+    def clear(self) -> None:
+        """Empty a journal taken over from a process that ended, for a run about to be
+        journaled again whole (a retried task making the same child uid)."""
+        with self._lock:
+            try:
+                self._file.truncate(0)
+                self._file.seek(0)
+            except OSError as error:
+                raise JournalError(f"cannot empty the journal {self.path}: {error}") from error
+            self.records = 0
+
     def close(self) -> None:
         """Release the journal (the file stays, for delivery or recovery)."""
         with self._lock:

@@ -138,11 +138,20 @@ class ReductionPlan:
 class RunReduction(DocumentRouter):
     """Reduce one raw run into one child run, sent document by document to ``sink``."""
 
-    def __init__(self, plan: ReductionPlan, sink: Sink, *, copy_inputs: bool = True) -> None:
+    def __init__(
+        self,
+        plan: ReductionPlan,
+        sink: Sink,
+        *,
+        copy_inputs: bool = True,
+        child_uid: str | None = None,
+    ) -> None:
         """``copy_inputs=False`` hands reducers the raw events' own arrays, for documents
-        nobody else sees (a worker process's copies)."""
+        nobody else sees (a worker process's copies). ``child_uid`` fixes the child run's
+        uid (a new random one by default), so that a retried task makes the same run."""
         super().__init__()
         self._plan = plan
+        self._child_uid = child_uid
         self._sink = sink
         self._reducers = [fresh_copy(r) for r in plan.reducers]
         self._filler = EventFiller(plan.handlers, plan.root_map, copy_values=copy_inputs)
@@ -191,6 +200,7 @@ class RunReduction(DocumentRouter):
             asset_documents=self._plan.asset_documents,
             array_writer=self._plan.array_writer,
             inline_keys=self._plan.inline_keys,
+            uid=self._child_uid,
         )
         self.child_uid = self._composer.uid
         self._filler("start", doc)

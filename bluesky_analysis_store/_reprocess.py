@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,7 @@ from ._replay import count_events, replay_run, stop_document
 from ._store import ChildRun
 from ._trust import claims_derivation
 
-__all__ = ["ReprocessReport", "code_versions", "reprocess"]
+__all__ = ["ReprocessReport", "RunOutcome", "code_versions", "reduce_run", "reprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,44 @@ def _refuse_missing_streams(run: Any, raw_uid: str, plan: ReductionPlan) -> None
         )
 
 
+@dataclass
+class RunOutcome:
+    """What became of one raw run: small and picklable, so that a task on another process
+    or machine can hand it back; :meth:`add_to` puts it into the batch's report."""
+
+    raw_uid: str
+    saved: str | None = None
+    """uid of the new child run (saved, or every event failed: see ``failed_child``)"""
+    skipped: str | None = None
+    """the child run already made by the same code"""
+    failed: str | None = None
+    failed_child: bool = False
+    incomplete: str | None = None
+    not_counted: dict[str, str] = field(default_factory=dict)
+    reduction: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+    def add_to(self, report: ReprocessReport) -> None:
+        uid = self.raw_uid
+        if self.skipped is not None:
+            report.skipped[uid] = self.skipped
+            return
+        if self.not_counted:
+            report.not_counted[uid] = dict(self.not_counted)
+        if self.incomplete is not None:
+            report.incomplete[uid] = self.incomplete
+        if self.reduction is not None:
+            report.reductions[uid] = self.reduction
+        if self.failed is not None:
+            report.failed[uid] = self.failed
+            if self.failed_child and self.saved:
+                report.failed_children[uid] = self.saved
+            if self.error is not None:
+                report.errors[uid] = self.error
+        elif self.saved is not None:
+            report.saved[uid] = self.saved
+
+
 def reprocess(
     source: Any,
     uids_or_query: Any,
@@ -141,6 +181,7 @@ def reprocess(
     strict: bool = True,
     progress: bool | None = None,
     derived: bool = False,
+    executor: Any = None,
 ) -> ReprocessReport:
     """Reduce saved raw runs again and save the child runs into ``store``.
 
@@ -151,6 +192,14 @@ def reprocess(
     child run beside the old one. A run whose data cannot be read is reported in the result
     and skipped, and the batch goes on. ``progress`` shows bars over runs and events
     (default: when stderr is a terminal).
+
+    ``executor`` spreads the runs over other processes or machines, one task per raw run:
+    a :class:`concurrent.futures.Executor` (``ProcessPoolExecutor``, ``ThreadPoolExecutor``)
+    or a Dask ``distributed.Client``. Each task opens the source and the store again (both
+    must be reopenable: see ``_distributed.py``), reduces and saves its run, and returns a
+    small record; one progress bar counts the runs. A task retried after its worker was
+    lost (Dask reschedules them) makes the same child uid and delivers it whole, so each
+    run is saved once. Without ``executor`` everything runs in this process.
 
     "The same code" is the same code identity (:func:`code_identity`): for each reducer its
     name, version, source file sha256, git commit and dirty state, and parameters, read
@@ -178,51 +227,144 @@ def reprocess(
         reducers, store, streams=streams, writers=writers, root=root, md=md, strict=strict
     )
     identity = code_identity(plan.code)
-    client = _client_of(source)
-    raw_uids = _raw_uids(client, uids_or_query)
     if progress is None:
         progress = sys.stderr.isatty()
+    if executor is not None:
+        from ._distributed import reprocess_on_executor
+
+        return reprocess_on_executor(
+            executor,
+            source,
+            uids_or_query,
+            plan,
+            store,
+            identity,
+            force=force,
+            derived=derived,
+            progress=progress,
+        )
+    client = _client_of(source)
+    raw_uids = _raw_uids(client, uids_or_query)
     report = ReprocessReport()
     for raw_uid in tqdm(raw_uids, desc="runs", unit="run", disable=not progress):
-        earlier = _same_code_children(store, raw_uid, identity)
-        if not force and (done := [child for child in earlier if child.succeeded]):
-            report.skipped[raw_uid] = done[0]
-            logger.info("run %s already reduced by this code as %s; skipped", raw_uid, done[0])
-            continue
-        if not_counted := {child: child.status for child in earlier if not child.succeeded}:
-            report.not_counted[raw_uid] = dict(not_counted)
-            logger.info(
-                "run %s: earlier children by this code do not count as reduced (%s)",
-                raw_uid,
-                "; ".join(f"{uid} {status}" for uid, status in not_counted.items()),
-            )
-        try:
-            reduction = _reprocess_one(
-                client, raw_uid, plan, store, progress, tqdm, report, derived=derived
-            )
-        except Exception as error:
-            report.failed[raw_uid] = f"{type(error).__name__}: {error}"
-            report.errors[raw_uid] = error
-            logger.error("run %s not reprocessed: %s", raw_uid, error)
-            continue
-        child_uid = reduction.child_uid or ""
-        report.reductions[raw_uid] = {
-            "events_reduced": reduction.events_reduced,
-            "events_failed": reduction.events_failed,
-            "failures": list(reduction.failures),
-        }
-        if reduction.events_failed and not reduction.events_reduced:
-            first = reduction.failures[0]["error"] if reduction.failures else "unknown"
-            report.failed[raw_uid] = (
-                f"every event failed ({reduction.events_failed}; first: {first}); the child "
-                f"run {child_uid} records the failures"
-            )
-            report.failed_children[raw_uid] = child_uid
-            logger.error("run %s: %s", raw_uid, report.failed[raw_uid])
-        else:
-            report.saved[raw_uid] = child_uid
+        outcome = reduce_run(
+            client, raw_uid, plan, store, identity, force=force, derived=derived, progress=progress
+        )
+        outcome.add_to(report)
     logger.info("reprocess: %s", report)
     return report
+
+
+def reduce_run(
+    client: Any,
+    raw_uid: str,
+    plan: ReductionPlan,
+    store: Any,
+    identity: list[tuple[str, ...]],
+    *,
+    force: bool,
+    derived: bool,
+    child_uid: str | None = None,
+    progress: bool = False,
+) -> RunOutcome:
+    """Reduce one raw run of ``client`` into ``store`` unless the same code already did;
+    never raises for the run's own faults (they are in the outcome).
+
+    ``child_uid`` fixes the new child's uid: a child of that uid already complete and
+    successful is this very reduction done by an earlier attempt (its outcome is "saved");
+    one left incomplete by an attempt whose process died is replaced whole, files too.
+    """
+    outcome = RunOutcome(raw_uid)
+    earlier = _same_code_children(store, raw_uid, identity)
+    mine = next((child for child in earlier if child == child_uid), None)
+    if mine is not None and mine.succeeded:
+        outcome.saved = str(mine)
+        outcome.reduction = _reduction_record(store, mine)
+        logger.info("run %s was reduced as %s by an earlier attempt", raw_uid, mine)
+        return outcome
+    earlier = [child for child in earlier if child != child_uid]
+    if not force and (done := [child for child in earlier if child.succeeded]):
+        outcome.skipped = done[0]
+        logger.info("run %s already reduced by this code as %s; skipped", raw_uid, done[0])
+        return outcome
+    if not_counted := {child: child.status for child in earlier if not child.succeeded}:
+        outcome.not_counted = dict(not_counted)
+        logger.info(
+            "run %s: earlier children by this code do not count as reduced (%s)",
+            raw_uid,
+            "; ".join(f"{uid} {status}" for uid, status in not_counted.items()),
+        )
+    if child_uid is not None:  # files of an earlier attempt that did not finish
+        _remove_child_files(plan, child_uid)
+    try:
+        with _local_dask_scheduler():
+            reduction, outcome.incomplete = _reprocess_one(
+                client, raw_uid, plan, store, progress, derived=derived, child_uid=child_uid
+            )
+    except Exception as error:
+        outcome.failed = f"{type(error).__name__}: {error}"
+        outcome.error = error
+        logger.error("run %s not reprocessed: %s", raw_uid, error)
+        return outcome
+    outcome.saved = reduction.child_uid or ""
+    outcome.reduction = {
+        "events_reduced": reduction.events_reduced,
+        "events_failed": reduction.events_failed,
+        "failures": list(reduction.failures),
+    }
+    if reduction.events_failed and not reduction.events_reduced:
+        first = reduction.failures[0]["error"] if reduction.failures else "unknown"
+        outcome.failed = (
+            f"every event failed ({reduction.events_failed}; first: {first}); the child "
+            f"run {outcome.saved} records the failures"
+        )
+        outcome.failed_child = True
+        logger.error("run %s: %s", raw_uid, outcome.failed)
+    return outcome
+
+
+_local_dask_lock = threading.Lock()
+_local_dask_users = 0
+_local_dask_config: contextlib.ExitStack | None = None
+
+
+@contextlib.contextmanager
+def _local_dask_scheduler() -> Iterator[None]:
+    """tiled's client reads an array by computing a dask graph of its blocks with the
+    default scheduler. Where a ``distributed.Client`` is that default (in a Dask worker, in
+    a notebook with a cluster) the graph would be shipped to the cluster, and fails to
+    serialize; a run's reads stay in its own process on dask's local threads instead.
+    dask's config is global: concurrent reductions (threads) share one setting, restored
+    when the last ends."""
+    global _local_dask_users, _local_dask_config
+    try:
+        import dask
+    except ImportError:  # tiled's array client needs it; without it nothing computes
+        yield
+        return
+    with _local_dask_lock:
+        if _local_dask_users == 0:
+            _local_dask_config = contextlib.ExitStack()
+            _local_dask_config.enter_context(dask.config.set(scheduler="threads"))
+        _local_dask_users += 1
+    try:
+        yield
+    finally:
+        with _local_dask_lock:
+            _local_dask_users -= 1
+            if _local_dask_users == 0 and _local_dask_config is not None:
+                _local_dask_config.close()
+                _local_dask_config = None
+
+
+def _reduction_record(store: Any, child_uid: str) -> dict[str, Any]:
+    stop = store.catalog[child_uid].metadata.get("stop") or {}
+    record = stop.get("reduction") or {}
+    return {
+        "events_reduced": record.get("events_reduced"),
+        "events_failed": record.get("events_failed"),
+        "failures": list(record.get("failures") or []),
+    }
 
 
 def _reprocess_one(
@@ -231,11 +373,13 @@ def _reprocess_one(
     plan: ReductionPlan,
     store: Any,
     progress: bool,
-    tqdm: Any,
-    report: ReprocessReport,
     *,
     derived: bool,
-) -> RunReduction:
+    child_uid: str | None = None,
+) -> tuple[RunReduction, str | None]:
+    """The run's reduction, saved, and what to say of a raw run without a stop."""
+    from tqdm.auto import tqdm
+
     try:
         run = client[raw_uid]
     except KeyError:
@@ -245,7 +389,9 @@ def _reprocess_one(
     _refuse_missing_streams(run, raw_uid, plan)
     complete = stop_document(run) is not None
     documents: list[tuple[str, dict[str, Any]]] = []
-    reduction = RunReduction(plan, lambda name, doc: documents.append((name, doc)))
+    reduction = RunReduction(
+        plan, lambda name, doc: documents.append((name, doc)), child_uid=child_uid
+    )
     bar = tqdm(
         total=count_events(run), desc=raw_uid[:8], unit="event", leave=False, disable=not progress
     )
@@ -267,13 +413,14 @@ def _reprocess_one(
         bar.close()
     # The child run reaches the store only once it is complete: a failed run leaves nothing.
     save_documents(store, documents)
+    incomplete = None
     if not complete:
-        report.incomplete[raw_uid] = (
+        incomplete = (
             f"no stop document (still running, or interrupted): replayed the {events} events "
             f"saved so far; child run {reduction.child_uid} is marked exit_status 'fail'"
         )
-        logger.info("raw run %s: %s", raw_uid, report.incomplete[raw_uid])
-    return reduction
+        logger.info("raw run %s: %s", raw_uid, incomplete)
+    return reduction, incomplete
 
 
 def _remove_child_files(plan: ReductionPlan, child_uid: str | None) -> None:

@@ -182,6 +182,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_reprocess(args: argparse.Namespace) -> int:
     from .._provenance import resolve_code_name
     from .._reprocess import reprocess
+    from ._cluster import reprocess_executor
 
     with _about("--reducer"):
         reducers = [resolve_code_name(name) for name in args.reducer]  # before opening anything
@@ -191,7 +192,11 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     source = open_source(args, store)
     with _about("RAW_UID"):
         raw_uids = [run_uid(find_run(source.client, text)) for text in args.raw_uids]
-    with _failures_summarised(args), _about("--md", MetadataError):
+    with (
+        reprocess_executor(args) as executor,
+        _failures_summarised(args),
+        _about("--md", MetadataError),
+    ):
         report = reprocess(
             source,
             list(dict.fromkeys(raw_uids)),
@@ -202,6 +207,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
             md=_md(args.md),
             force=args.force,
             derived=args.derived,
+            executor=executor,
         )
     print("\n".join(reprocess_lines(report)))
     return EXIT_FAILED if report.failed else EXIT_OK

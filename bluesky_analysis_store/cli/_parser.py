@@ -99,7 +99,9 @@ examples:
 examples:
   bluesky-analysis-store reprocess c6041c47 --reducer mylab.reduce:spot_centroid
   bluesky-analysis-store reprocess c6041c47 a1b2c3d4 --source /data/raw-store \\
-      --reducer mylab.reduce:background --writer normalised=TIFF --md operator=jane --force""",
+      --reducer mylab.reduce:background --writer normalised=TIFF --md operator=jane --force
+  bluesky-analysis-store reprocess c6041c47 a1b2c3d4 --reducer mylab.reduce:spot_centroid \\
+      --workers 4  # or --scheduler tcp://dask.example:8786""",
     "ingest": """\
 examples:
   bluesky-analysis-store ingest frames/ --md sample=LaB6 --md temperature=295
@@ -344,6 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reprocess.add_argument(
         "--md", metavar="KEY=VALUE", type=key_value, action="append", help=_MD_HELP
+    )
+    spread = reprocess.add_mutually_exclusive_group()
+    spread.add_argument(
+        "--workers",
+        metavar="N",
+        type=positive_int,
+        help="reduce the runs on N worker processes of a Dask LocalCluster started for the "
+        "command (one run per task; a lost worker's runs are retried)",
+    )
+    spread.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="reduce the runs on the workers of the Dask scheduler at ADDRESS "
+        "(tcp://host:8786); they must reach the store and the raw data at the same paths",
     )
 
     ingest = add(
