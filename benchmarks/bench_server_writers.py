@@ -68,13 +68,24 @@ def _writer(
     method: str, uri: str, assets: str, writer: int, runs: int, events: int,
     barrier: Any, results: Any,
 ) -> None:  # fmt: skip
+    import httpx
+
+    requests = 0
+    send = httpx.Client.send
+
+    def counting_send(self: Any, request: Any, **kwargs: Any) -> Any:
+        nonlocal requests
+        requests += 1
+        return send(self, request, **kwargs)
+
+    httpx.Client.send = counting_send  # type: ignore[method-assign]  # this process only
     try:
         parents = [{"uid": str(uuid.uuid4()), "time": 0.0}]
         if method == "project":
             store = AnalysisStore.from_uri(uri, API_KEY, asset_root=assets, readable_roots=[assets])
             len(store)  # connected
             barrier.wait(DEADLINE)
-            start = time.perf_counter()
+            start, requests = time.perf_counter(), 0
             for run in range(runs):
                 store.save(
                     _data(writer, run, events), {"writer": writer}, {"frame": "HDF5"},
@@ -99,18 +110,21 @@ def _writer(
                 for run in range(runs)
             ]
             barrier.wait(DEADLINE)
-            start = time.perf_counter()
+            start, requests = time.perf_counter(), 0
             for documents in composed:
                 tiled_writer = TiledWriter(client)
                 for name, doc in documents:
                     tiled_writer(name, doc)
-        results.put((writer, start, time.perf_counter(), None))
+        results.put((writer, start, time.perf_counter(), requests / runs, None))
     except BaseException as error:  # reported by the parent
-        results.put((writer, 0.0, 0.0, repr(error)))
+        results.put((writer, 0.0, 0.0, 0.0, repr(error)))
 
 
-def measure(method: str, server: ServeProcess, writers: int, runs: int, events: int) -> float:
-    """Events per second of ``writers`` processes saving ``runs`` runs each at once."""
+def measure(
+    method: str, server: ServeProcess, writers: int, runs: int, events: int
+) -> tuple[float, float]:
+    """Events per second of ``writers`` processes saving ``runs`` runs each at once, and
+    the HTTP requests a run took."""
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(writers)
     results = context.Queue()
@@ -129,9 +143,10 @@ def measure(method: str, server: ServeProcess, writers: int, runs: int, events: 
     errors = [error for *_, error in outcomes if error]
     if errors:
         raise RuntimeError(f"{method} with {writers} writers failed: {errors}")
-    first = min(start for _, start, _, _ in outcomes)
-    last = max(end for _, _, end, _ in outcomes)
-    return writers * runs * events / (last - first)
+    first = min(start for _, start, _, _, _ in outcomes)
+    last = max(end for _, _, end, _, _ in outcomes)
+    per_run = sum(requests for *_, requests, _ in outcomes) / writers
+    return writers * runs * events / (last - first), per_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.runs, args.events = 1, 5
     rates: dict[int, dict[str, float]] = {}
+    requests: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-server-") as work:
         with PostgresCluster() as cluster:
             folder = Path(work) / "store"
@@ -152,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                 for method in ("project", "peer"):  # off the clock: first requests, tables
                     measure(method, server, 1, 1, 2)
                 for writers in args.writers:
-                    rates[writers] = {
-                        method: measure(method, server, writers, args.runs, args.events)
-                        for method in ("project", "peer")
-                    }
+                    rates[writers] = {}
+                    for method in ("project", "peer"):
+                        rate, per_run = measure(method, server, writers, args.runs, args.events)
+                        rates[writers][method] = rate
+                        requests[method] = per_run
     print(
         f"\n{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"{args.runs} runs x {args.events} events per writer (a float and a "
@@ -165,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     for writers, rate in rates.items():
         ratio = rate["project"] / rate["peer"]
         print(f"{writers:>7}  {rate['project']:>12.1f}  {rate['peer']:>16.1f}  {ratio:>6.2f}")
+    print(
+        f"HTTP requests per run: project {requests['project']:.0f}, "
+        f"TiledWriter {requests['peer']:.0f}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(rates, indent=2) + "\n")
+        figures = {"events_per_second": rates, "requests_per_run": requests}
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

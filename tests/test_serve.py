@@ -58,6 +58,7 @@ def served(postgres: Any, raw_read: Path, tmp_path_factory: pytest.TempPathFacto
     options = ("--database", postgres.uri(), "--read", raw_read, "--streaming", "memory")
     with ServeProcess(folder, *options) as server:
         yield server
+        assert server.stop() == 0, server.log()  # SIGTERM: a clean stop
 
 
 def connect(server: ServeProcess, **kwargs: Any) -> AnalysisStore:
