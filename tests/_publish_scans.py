@@ -31,7 +31,7 @@ from bluesky.callbacks.zmq import Publisher
 from bluesky.plans import scan
 from ophyd.sim import SynAxis
 
-from bluesky_analysis_store._zmq_documents import zmq_dumps
+from bluesky_analysis_store import zmq_dumps
 from bluesky_analysis_store.sim import spot_camera
 
 FRAME_SHAPE = (8, 8)

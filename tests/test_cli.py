@@ -47,6 +47,8 @@ SUBCOMMANDS = {
     "ingest": ["PATH", "--md", "--stream", "--writer"],
     "reproduce": ["CHILD_UID", "--source", "--trust-recorded-code", "--rtol", "--atol"],
     "recover": ["--journal"],
+    "worker": ["--zmq", "--reducers", "--root-map", "--writer", "--stream", "--run-timeout"],
+    "watch": ["--children", "--json", "--plot", "--output", "--runs"],
 }
 
 
