@@ -358,6 +358,16 @@ def test_a_port_in_use_is_a_one_line_error(
     assert not (tmp_path / "store").exists()  # refused before anything was made
 
 
+def test_a_read_folder_that_does_not_exist_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-raw"
+    status, err = _serve_in_process(
+        capsys, "--store", tmp_path / "store", "--api-key", API_KEY, "--read", missing
+    )
+    assert status == 2 and f"--read {missing}: no such folder" in err
+
+
 def test_a_server_uri_as_the_store_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     status, err = _serve_in_process(
         capsys, "--store", "http://tiled.example:8000", "--api-key", API_KEY
