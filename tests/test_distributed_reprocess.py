@@ -59,11 +59,13 @@ COLUMNS = ("total", "row_sums", "parent_seq_num")
 
 @pytest.fixture(scope="module")
 def hold_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
-    """Set before the cluster starts: its workers (and pool processes) inherit it."""
+    """Set before the cluster starts, as is the journal folder (the module's own): its
+    workers (and pool processes) inherit them."""
     folder = tmp_path_factory.mktemp("hold")
-    os.environ[HOLD_FOLDER_ENV] = str(folder)
-    yield folder
-    os.environ.pop(HOLD_FOLDER_ENV, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(HOLD_FOLDER_ENV, str(folder))
+        patch.setenv("BLUESKY_ANALYSIS_JOURNAL", str(tmp_path_factory.mktemp("journal")))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,25 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnalysisStore]:
     folder = tmp_path_factory.mktemp("target-store")
     yield AnalysisStore.open(folder, served=True)
     stop_server(folder)
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgresql"])
+def kill_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AnalysisStore]:
+    """Where the batch with a killed worker goes: the embedded store served by its local
+    server, or a ``serve --database postgresql://...`` server on a throwaway cluster."""
+    if request.param == "embedded":
+        yield request.getfixturevalue("target")
+        return
+    from _serve_process import API_KEY, ServeProcess
+
+    postgres = request.getfixturevalue("postgres")
+    folder = tmp_path_factory.mktemp("postgresql-served") / "store"
+    with ServeProcess(folder, "--database", postgres.uri()) as server:
+        yield AnalysisStore.from_uri(
+            server.uri, API_KEY, asset_root=server.assets, readable_roots=[server.assets]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +230,10 @@ def run_command(*argv: str) -> tuple[int, str, str]:
 
 
 def test_a_worker_killed_mid_batch_leaves_every_run_saved_exactly_once(
-    cluster, raw_runs, target, hold_folder, reference
+    cluster, raw_runs, kill_target, hold_folder, reference
 ):
     source, batch, _, _ = raw_runs
+    target = kill_target
     worker_pids = set(cluster.run(os.getpid).values())
     assert len(worker_pids) == 2
     held = pathlib.Path(hold_file(str(hold_folder), batch[HELD_RUN]))
