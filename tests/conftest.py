@@ -248,6 +248,9 @@ def make_callback(store: AnalysisStore):
 # run alone while the other core idles.
 _LONG_MODULES = (
     "test_outage.py",
+    "test_distributed_reprocess.py",
+    "test_serve.py",
+    "test_remote_worker.py",
     "test_callback.py",
     "test_worker_process.py",
     "test_reprocess.py",

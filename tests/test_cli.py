@@ -47,6 +47,7 @@ SUBCOMMANDS = {
     "ingest": ["PATH", "--md", "--stream", "--writer"],
     "reproduce": ["CHILD_UID", "--source", "--trust-recorded-code", "--rtol", "--atol"],
     "recover": ["--journal"],
+    "serve": ["--database", "--read", "--host", "--port", "--streaming"],
     "worker": ["--zmq", "--reducers", "--root-map", "--writer", "--stream", "--run-timeout"],
     "watch": ["--children", "--json", "--plot", "--output", "--runs"],
 }
