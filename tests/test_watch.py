@@ -179,3 +179,34 @@ def test_an_unknown_short_uid_names_the_option(watched, capsys):
         main(["--store", watched.location, "watch", "--children", "ffffffff"])
     assert exit_.value.code == 2
     assert "error: --children: no run 'ffffffff'" in capsys.readouterr().err
+
+
+def test_watch_follows_a_shared_server_from_another_process(tmp_path):
+    """``serve --streaming memory`` on a store folder, written through its URI; ``watch``
+    in another process, given the URI and the key, sees the derived run whole."""
+    from _serve_process import API_KEY, ServeProcess
+
+    with ServeProcess(tmp_path / "shared", "--streaming", "memory") as server:
+        store = AnalysisStore.from_uri(
+            server.uri, API_KEY, asset_root=server.assets, readable_roots=[server.assets]
+        )
+        raw = store.save([{"primary": {"x": 1.0}}], {"purpose": "raw"}, strict=False)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bluesky_analysis_store", "--store", server.uri,
+             "--api-key", API_KEY, "watch", "--children", raw, "--json", "--runs", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            line = process.stderr.readline()
+            assert line.startswith("watching"), line + process.stderr.read()
+            child = store.save(
+                [{"primary": {"y": float(i)}} for i in range(3)], {}, parents=[raw], strict=False
+            )
+            out, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert process.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["type"] for r in records] == ["RunStarted"] + ["SavedEvent"] * 3 + ["RunEnded"]
+    assert {r["uid"] for r in records} == {child}
+    assert [r["data"]["y"] for r in records[1:4]] == [0.0, 1.0, 2.0]
