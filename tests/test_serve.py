@@ -110,10 +110,18 @@ def test_children_are_found_by_uid_and_by_prefix(served: ServeProcess) -> None:
 
 def test_four_writer_processes_at_once_each_run_complete_and_its_own(
     served: ServeProcess,
+    RE: Any,  # noqa: N803
 ) -> None:
     """Four processes save two child runs each of one parent through the one server, all
-    starting together; every run reads back whole, with the values its writer wrote."""
+    starting together, while a live callback saves a scan's child run through it too;
+    every run reads back whole, with the values its writer wrote."""
+    from bluesky.plans import count
+    from ophyd.sim import det
+
+    from bluesky_analysis_store import AnalysisStoreCallback
+
     sys.path.insert(0, str(TESTS))
+    from _reducers_for_tests import scaled
     from _serve_writer import EVENTS, values
 
     parent = str(uuid.uuid4())
@@ -121,9 +129,22 @@ def test_four_writer_processes_at_once_each_run_complete_and_its_own(
         sys.executable, str(TESTS / "_serve_writer.py"), served.uri, API_KEY,
         str(served.assets), str(WRITERS), str(RUNS_PER_WRITER), parent,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE * 3)
-    assert done.returncode == 0, done.stderr
-    outcome = {int(writer): result for writer, result in json.loads(done.stdout).items()}
+    callback = AnalysisStoreCallback([scaled], connect(served))
+    RE.subscribe(callback)
+    writers = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (live_raw,) = RE(count([det], num=10, delay=0.2))  # while the writers write
+        stdout, stderr = writers.communicate(timeout=DEADLINE * 3)
+    finally:
+        writers.kill()
+        callback.close(timeout=60)
+    assert writers.returncode == 0, stderr
+    (live_child,) = fresh_reader(served).children(live_raw)
+    live = fresh_reader(served)[live_child]
+    assert live.stop["num_events"] == {"primary": 10}
+    assert live["primary"]["parent_seq_num"].read().tolist() == list(range(1, 11))
+    np.testing.assert_allclose(live["primary"]["total"].read(), [10.0 * det.read()["det"]["value"]] * 10)
+    outcome = {int(writer): result for writer, result in json.loads(stdout).items()}
     assert sorted(outcome) == list(range(WRITERS))
     assert len({result["pid"] for result in outcome.values()}) == WRITERS
 
