@@ -1,4 +1,5 @@
-"""Reprocessing one batch serially and on a Dask LocalCluster of 1 and 2 workers: runs/min.
+"""Reprocessing one batch serially and on a Dask LocalCluster of 1 and 2 workers: runs/min,
+against TiledWriter writing the same child documents alone.
 
 ``--runs`` raw runs of ``--events`` simulated camera frames (``--shape``) are saved in an
 embedded source store; the same batch is reprocessed with the package's example reducer
@@ -6,7 +7,9 @@ embedded source store; the same batch is reprocessed with the package's example 
 into a fresh embedded store served by its local server: in this process, then with 1 and
 2 worker processes (``reprocess(..., executor=client)``, a LocalCluster of single-threaded
 workers, as ``reprocess --workers N`` makes it). The cluster's start is timed apart from
-the batch. ``python benchmarks/bench_reprocess_cluster.py [--runs 40] [--events 5]``
+the batch. The ceiling is the batch's child documents, made beforehand, written by
+bluesky-tiled-plugins' ``TiledWriter`` alone into a fresh served store.
+``python benchmarks/bench_reprocess_cluster.py [--runs 40] [--events 5]``
 """
 
 from __future__ import annotations
@@ -30,6 +33,39 @@ def _batch(label: str, action: Any, runs: int) -> dict[str, Any]:
     return {"label": label, "seconds": seconds, "per_minute": runs * 60.0 / seconds}
 
 
+def _ceiling(source: Any, raw_uids: list[str], reducers: list[Any], store: Any) -> dict:
+    """The ceiling the package adds to: the same batch's child documents, made first (not
+    timed: the replay, the reduction and the files), then written by bluesky-tiled-plugins'
+    ``TiledWriter`` alone into a fresh store served by its local server."""
+    from bluesky_tiled_plugins import TiledWriter
+
+    from bluesky_analysis_store._reduction import ReductionPlan, RunReduction
+    from bluesky_analysis_store._replay import replay_run
+
+    plan = ReductionPlan.for_store(reducers, store, streams=("primary",))
+    batches = []
+    for raw_uid in raw_uids:
+        documents: list[tuple[str, dict[str, Any]]] = []
+        reduction = RunReduction(plan, lambda name, doc, d=documents: d.append((name, doc)))
+        for name, doc in replay_run(source.client[raw_uid], stand_in=True):
+            reduction(name, doc)
+        batches.append(documents)
+    writer = TiledWriter(store.catalog)
+    began = time.perf_counter()
+    for documents in batches:
+        for name, doc in documents:
+            writer(name, doc)
+    seconds = time.perf_counter() - began
+    saved = sum(1 for uid in store.catalog if uid not in raw_uids)
+    if saved != len(raw_uids):
+        raise SystemExit(f"ceiling: {saved} of {len(raw_uids)} child runs written")
+    return {
+        "label": "TiledWriter alone (ceiling)",
+        "seconds": seconds,
+        "per_minute": len(raw_uids) * 60.0 / seconds,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=40)
@@ -50,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         frames = Path(folder) / "frames"
         frames.mkdir()
-        folders = [Path(folder) / name for name in ("raw", "serial", "dask-1", "dask-2")]
+        folders = [Path(folder) / name for name in ("raw", "serial", "dask-1", "dask-2", "ceiling")]
         try:
             source = AnalysisStore.open(folders[0], readable=[frames], served=True)
             loop = asyncio.new_event_loop()
@@ -76,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: reprocess(source, raw_uids, reducers, serial_store, progress=False),
                     args.runs,
                 )
+            )
+            results.append(
+                _ceiling(source, raw_uids, reducers, AnalysisStore.open(folders[4], served=True))
             )
             starts = {}
             for workers, target_folder in ((1, folders[2]), (2, folders[3])):
