@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from bluesky.callbacks.zmq import RemoteDispatcher
 from event_model import DocumentNames, schema_validators
 
 from ._callback import AnalysisStoreCallback
@@ -245,23 +244,60 @@ class DocumentGate:
                 del table[uid]
 
 
-class SafeRemoteDispatcher(RemoteDispatcher):
-    """bluesky's ``RemoteDispatcher`` that decodes with :func:`zmq_loads` only, and logs and
-    skips a message it cannot take (bluesky's prints it, and ends on an unknown document
-    name)."""
+class SafeRemoteDispatcher:
+    """What bluesky's ``RemoteDispatcher`` does (a 0MQ SUB socket on a Proxy's output side,
+    messages ``PREFIX NAME DOCUMENT`` handed to subscribers), decoding with
+    :func:`zmq_loads` only, and logging and skipping a message it cannot take.
+
+    Written here rather than as a subclass: bluesky's receive loop is a private method,
+    prints what it drops, and ends on an unknown document name. The wire format is
+    bluesky's Publisher's and Proxy's, which stay in use on the acquisition side.
+    """
 
     def __init__(self, address: str, *, prefix: bytes = b"") -> None:
-        super().__init__(address, prefix=prefix, deserializer=zmq_loads)
-        self._subscribers: list[Any] = []
+        if b" " in prefix:
+            raise ValueError(f"prefix {prefix!r} may not contain b' '")
+        self.address = _normalized_address(address)
+        self.loop = asyncio.new_event_loop()
+        self.closed = False
         self.malformed = 0
         self.on_listening: Any = None
+        self._prefix = prefix
+        self._subscribers: list[Any] = []
+        self._task: asyncio.Task[None] | None = None
 
-    async def _poll(self) -> None:
+    def start(self) -> None:
+        """Listen until :meth:`stop` (or the task's cancellation); blocks."""
+        if self.closed:
+            raise RuntimeError("this dispatcher has been stopped: make a new one")
+        import zmq
+        import zmq.asyncio
+
+        asyncio.set_event_loop(self.loop)
+        context = zmq.asyncio.Context()
+        socket = context.socket(zmq.SUB)
+        try:
+            socket.connect(self.address)
+            socket.setsockopt_string(zmq.SUBSCRIBE, "")
+            self._task = self.loop.create_task(self._poll(socket))
+            self.loop.run_until_complete(self._task)
+        finally:
+            socket.close(linger=0)
+            context.term()
+            self.stop()
+
+    def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if not self.closed and not self.loop.is_running():
+            self.loop.close()
+            self.closed = True
+
+    async def _poll(self, socket: Any) -> None:
         if self.on_listening is not None:
             self.on_listening()
         while True:
-            message = await self._socket.recv()
-            self.receive(message)
+            self.receive(await socket.recv())
 
     def receive(self, message: bytes) -> None:
         """Decode one message and dispatch its document, or log why it is skipped."""
@@ -308,6 +344,11 @@ class SafeRemoteDispatcher(RemoteDispatcher):
                 reason,
                 shown,
             )
+
+
+def _normalized_address(address: str) -> str:
+    """``host:port`` as 0MQ's ``tcp://host:port`` (as bluesky's dispatcher takes it)."""
+    return address if "://" in address else f"tcp://{address}"
 
 
 class RemoteWorker:
@@ -385,9 +426,7 @@ class RemoteWorker:
         loop.call_soon_threadsafe(self._cancel)
 
     def _cancel(self) -> None:
-        task = self.dispatcher._task
-        if task is not None:
-            task.cancel()
+        self.dispatcher.stop()
 
     def stop_on_signals(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
         """Stop on these signals (call from the main thread, before :meth:`run`)."""
