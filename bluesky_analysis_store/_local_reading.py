@@ -81,11 +81,14 @@ def local_first_array_client(readable_roots: tuple[str, ...], files_here: bool) 
     ``files_here`` as for :func:`read_array`."""
     from tiled.client.array import ArrayClient
 
+    from ._dask_reads import local_dask_reads
+
     class LocalFirstArrayClient(ArrayClient):
         def read(self, slice: Any = None) -> Any:
             part = ... if slice is None else slice
-            values = read_locally(self, readable_roots, part, files_here=files_here)
-            return super().read(slice) if values is None else values
+            with local_dask_reads():  # also with a distributed.Client open in this process
+                values = read_locally(self, readable_roots, part, files_here=files_here)
+                return super().read(slice) if values is None else values
 
     return LocalFirstArrayClient
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import sys
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._dask_reads import local_dask_reads
 from ._delivery import save_documents
 from ._errors import AnalysisStoreError, ProvenanceError, RunNotFoundError
 from ._provenance import code_identity
@@ -297,7 +296,7 @@ def reduce_run(
     if child_uid is not None:  # files of an earlier attempt that did not finish
         _remove_child_files(plan, child_uid)
     try:
-        with _local_dask_scheduler():
+        with local_dask_reads():
             reduction, outcome.incomplete = _reprocess_one(
                 client, raw_uid, plan, store, progress, derived=derived, child_uid=child_uid
             )
@@ -321,40 +320,6 @@ def reduce_run(
         outcome.failed_child = True
         logger.error("run %s: %s", raw_uid, outcome.failed)
     return outcome
-
-
-_local_dask_lock = threading.Lock()
-_local_dask_users = 0
-_local_dask_config: contextlib.ExitStack | None = None
-
-
-@contextlib.contextmanager
-def _local_dask_scheduler() -> Iterator[None]:
-    """tiled's client reads an array by computing a dask graph of its blocks with the
-    default scheduler. Where a ``distributed.Client`` is that default (in a Dask worker, in
-    a notebook with a cluster) the graph would be shipped to the cluster, and fails to
-    serialize; a run's reads stay in its own process on dask's local threads instead.
-    dask's config is global: concurrent reductions (threads) share one setting, restored
-    when the last ends."""
-    global _local_dask_users, _local_dask_config
-    try:
-        import dask
-    except ImportError:  # tiled's array client needs it; without it nothing computes
-        yield
-        return
-    with _local_dask_lock:
-        if _local_dask_users == 0:
-            _local_dask_config = contextlib.ExitStack()
-            _local_dask_config.enter_context(dask.config.set(scheduler="threads"))
-        _local_dask_users += 1
-    try:
-        yield
-    finally:
-        with _local_dask_lock:
-            _local_dask_users -= 1
-            if _local_dask_users == 0 and _local_dask_config is not None:
-                _local_dask_config.close()
-                _local_dask_config = None
 
 
 def _reduction_record(store: Any, child_uid: str) -> dict[str, Any]:

@@ -105,3 +105,22 @@ def test_a_missing_file_is_named(store):
     ):
         with pytest.raises(FileNotFoundError, match=os.path.basename(first)):
             read()
+
+
+def test_arrays_read_with_a_distributed_client_open_in_this_process(store, saved):
+    """A notebook with a Dask cluster: tiled's dask reads would go to the cluster and fail
+    to serialize; the store's arrays are read here all the same."""
+    from distributed import Client
+
+    uid, frames = saved
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None):
+        for key in ("image", "counts", "profile"):
+            expected = np.stack([frame["primary"][key] for frame in frames])
+            np.testing.assert_array_equal(store[uid]["primary"][key].read(), expected)
+        inline = store.save(
+            [{"primary": {"grid": np.full((2, 2), float(i))}} for i in range(2)], {}, strict=False
+        )
+        assert store[inline]["primary"]["grid"].read().tolist() == [
+            [[0.0] * 2] * 2,
+            [[1.0] * 2] * 2,
+        ]
