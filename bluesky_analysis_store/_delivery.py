@@ -33,6 +33,7 @@ from typing import Any
 from ._errors import DeliveryError, JournalError
 from ._handover import at_threading_exit
 from ._journal import RunJournal, read_journal
+from ._replay import StreamNode
 
 __all__ = [
     "Delivery",
@@ -105,25 +106,18 @@ def stored_counts_match(client: Any, uid: str, expected: Counts) -> str | None:
         if events == 0 and not frames:
             continue
         try:
-            node = run[stream]
+            node = StreamNode(run[stream])
         except KeyError:
             return f"stream {stream!r} is missing, the journal has {events} events"
         if events:
-            rows = _length(node, "seq_num")
+            rows = node.length()
             if rows != events:
                 return f"stream {stream!r} has {rows} rows, the journal {events} events"
         for key, expected_frames in frames.items():
-            length = _length(node, key)
+            length = len(node[key]) if key in node else 0
             if length != expected_frames:
                 return f"{stream}/{key} has {length} frames, the journal {expected_frames}"
     return None
-
-
-def _length(node: Any, key: str) -> int:
-    try:
-        return node[key].shape[0]
-    except KeyError:
-        return 0
 
 
 # --- delivering a whole run at once -------------------------------------------------------

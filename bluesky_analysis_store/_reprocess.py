@@ -358,7 +358,11 @@ def _reprocess_one(
         plan, lambda name, doc: documents.append((name, doc)), child_uid=child_uid
     )
     bar = tqdm(
-        total=count_events(run), desc=raw_uid[:8], unit="event", leave=False, disable=not progress
+        total=count_events(run) if progress else None,
+        desc=raw_uid[:8],
+        unit="event",
+        leave=False,
+        disable=not progress,
     )
     try:
         events = 0

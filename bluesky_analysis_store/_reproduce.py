@@ -594,7 +594,12 @@ def _rerun(
     tqdm: Any,
 ) -> None:
     reduction = RunReduction(plan, comparison)
-    with tqdm(total=count_events(raw), desc="reproduce", unit="event", disable=not progress) as bar:
+    with tqdm(
+        total=count_events(raw) if progress else None,
+        desc="reproduce",
+        unit="event",
+        disable=not progress,
+    ) as bar:
         for name, doc in replay_run(raw, stand_in=True):
             reduction(name, doc)
             if name == "event":

@@ -391,11 +391,14 @@ class AnalysisStore:
             else:
                 from ._local_reading import LocalFirstStructureClients
 
+                # Nodes come with their data sources: a local array is then read with no
+                # request to the server at all.
                 self._client = from_context(
                     self._context,
                     structure_clients=LocalFirstStructureClients(
                         self.readable_roots, files_here=self._files_here
                     ),
+                    include_data_sources=True,
                 )
         return self._client
 
