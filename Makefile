@@ -18,8 +18,11 @@ demo: $(STAMP)
 # One test module per worker process, one worker per core: module fixtures (stores,
 # servers, worker processes) are made once per module, as in a serial run. The cases that
 # spend minutes waiting (marked "waits": a server down for minutes) run beside them in a
-# pytest of their own, whose report follows; either failing fails the target.
+# pytest of their own, whose report follows; either failing fails the target. The sources
+# are compiled first: where PYTHONDONTWRITEBYTECODE is set, each of the hundreds of Python
+# processes the tests start would otherwise compile the package again.
 test: $(STAMP)
+	@$(BIN)/python -m compileall -q bluesky_analysis_store tests >/dev/null
 	@waits_log=$$(mktemp); waits_tmp=$$(mktemp -d); \
 	$(BIN)/python -m pytest -m waits --basetemp="$$waits_tmp" >"$$waits_log" 2>&1 & waits=$$!; \
 	$(BIN)/python -m pytest -n auto --dist loadfile -m "not waits"; status=$$?; \
@@ -29,6 +32,7 @@ test: $(STAMP)
 
 # Everything but the slow fault-injection and load cases.
 test-fast: $(STAMP)
+	@$(BIN)/python -m compileall -q bluesky_analysis_store tests >/dev/null
 	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow"
 
 bench: $(STAMP)

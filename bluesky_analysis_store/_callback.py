@@ -46,8 +46,10 @@ class AnalysisStoreCallback:
 
     - ``True`` (or ``"process"``; the default): in a worker process, started now, so that
       reduction and saving run on another core and never hold the RunEngine's interpreter
-      lock. The reducers and the store are sent to it (the store is opened again there);
-      their log records come back and are logged here. If it ends unexpectedly (or cannot
+      lock. It is forked from the user's fork server, which has imported what a worker
+      needs (see ``_forkserver``); while none is up, it starts from scratch (seconds).
+      The reducers and the store are sent to it (the store is opened again there); their
+      log records come back and are logged here. If it ends unexpectedly (or cannot
       start), a new one is started after 1 s, 2 s, 4 s ... (at most 60 s); the child runs
       it had are closed as failed from their journals by the new one, and runs that start
       before the new one is up get no child run. ``memory_limit`` (bytes of resident

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "copy_empty_catalog"]
+__all__ = ["CACHE_ENV", "cache_folder", "copy_empty_catalog"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,9 @@ CACHE_ENV = "BLUESKY_ANALYSIS_STORE_CACHE"
 """Where the empty catalog is kept (default ``$XDG_CACHE_HOME/bluesky-analysis-store``)."""
 
 
-def _cache_folder() -> Path:
+def cache_folder() -> Path:
+    """This user's cache of the package (``$BLUESKY_ANALYSIS_STORE_CACHE``, by default
+    ``$XDG_CACHE_HOME/bluesky-analysis-store``)."""
     if folder := os.environ.get(CACHE_ENV):
         return Path(folder)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -38,7 +40,7 @@ def _template() -> Path:
     from importlib import metadata
 
     version = metadata.version("tiled")
-    template = _cache_folder() / f"empty-catalog-tiled-{version}.db"
+    template = cache_folder() / f"empty-catalog-tiled-{version}.db"
     if template.is_file():
         return template
     template.parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,13 @@ the reduction's counts, for the session's summary line), flush acknowledgements 
 worker's log records, which are logged here as if made here; and, while the callback has
 live subscribers (``_live_view``), the child documents they are shown, a batch at a time.
 
-The worker is started with ``subprocess`` rather than ``multiprocessing``: a spawned
-multiprocessing child imports the user's ``__main__`` again, which runs a script that has no
-``if __name__ == "__main__"`` guard (a scan!) a second time. The reducers and the store are
-sent with cloudpickle, so that reducers defined in an IPython session or a profile's startup
-file (module ``__main__``) work too. The worker ignores Ctrl-C (its own session): pausing a
-scan must not kill it.
+The worker is forked from the user's fork server (``_forkserver``), which has imported what
+it needs, or, while none is up, started from scratch with ``subprocess``; not with
+``multiprocessing``: a spawned multiprocessing child imports the user's ``__main__`` again,
+which runs a script that has no ``if __name__ == "__main__"`` guard (a scan!) a second
+time. The reducers and the store are sent with cloudpickle, so that reducers defined in an
+IPython session or a profile's startup file (module ``__main__``) work too. The worker
+ignores Ctrl-C (its own session): pausing a scan must not kill it.
 
 A worker that ends unexpectedly (killed, crashed, or unable to open its store) is replaced
 in the background, after 1 s, then twice as long after each further death in a row, at most
@@ -191,7 +192,11 @@ class _Process:
         to_child, self_out = os.pipe()
         self_in, from_child = os.pipe()
         _widen(self_out)
-        self.popen = subprocess.Popen(
+        from ._forkserver import fork_worker
+
+        # Forked from a fork server that has imported what it needs (milliseconds), or
+        # started from scratch (seconds of imports) while none is up.
+        self.popen: Any = fork_worker(to_child, from_child) or subprocess.Popen(
             [sys.executable, "-m", __name__, str(to_child), str(from_child)],
             pass_fds=(to_child, from_child),
             stdin=subprocess.DEVNULL,
@@ -550,13 +555,17 @@ def _only_forward(root: logging.Logger) -> None:
             logger_.propagate = True
 
 
+# tiled's client retries a failing request for up to 45 s; the journal keeps what a store
+# that is down does not take, so a worker gives up sooner and lets delivery retry the run.
+WORKER_ENVIRONMENT = {"TILED_RETRY_ATTEMPTS": "2", "TILED_RETRY_TIMEOUT": "5"}
+"""Set in a worker process (unless set already) before tiled reads it, at import."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The worker process: ``python -m bluesky_analysis_store._worker_process IN OUT``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # tiled's client retries a failing request for up to 45 s; the journal keeps what a
-    # store that is down does not take, so give up sooner and let delivery retry the run.
-    os.environ.setdefault("TILED_RETRY_ATTEMPTS", "2")
-    os.environ.setdefault("TILED_RETRY_TIMEOUT", "5")
+    for name, value in WORKER_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     args = list(sys.argv[1:] if argv is None else argv)
     inbox, outbox = MessagePipe(int(args[0]), "rb"), MessagePipe(int(args[1]), "wb")
 
@@ -642,18 +651,25 @@ _FIRST_RUN_MODULES = (
 )
 
 
-def _import_ahead(tell: Any) -> None:
+def import_ahead() -> bool:
+    """Import what the first run needs; False if some of it cannot be imported (the run
+    that needs it will say what is wrong)."""
     import importlib
 
     for name in _FIRST_RUN_MODULES:
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the run that needs it will say what is wrong
-            return
+        except Exception:  # noqa: BLE001
+            return False
     from ._filling import handler_registry
 
     handler_registry()  # the handlers' entry points (databroker's import dask, h5py...)
-    tell("loaded")
+    return True
+
+
+def _import_ahead(tell: Any) -> None:
+    if import_ahead():
+        tell("loaded")
 
 
 def _resident_bytes() -> int:

@@ -48,12 +48,20 @@ def _empty_catalog_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_store_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Stop the local store servers that tests (or the commands they ran) started."""
+    """Stop the local store servers and worker fork servers that tests (or the commands
+    they ran) started."""
     yield
+    from bluesky_analysis_store._forkserver import stop_fork_server
     from bluesky_analysis_store._local_server import SERVER_FILE, stop_server
 
     for server_file in tmp_path_factory.getbasetemp().rglob(SERVER_FILE):
         stop_server(server_file.parent)
+    # The worker fork server of the run (shared by its xdist workers: one that is still
+    # running tests starts another on its next callback).
+    for fork_server in (tmp_path_factory.getbasetemp().parent / "catalog-cache").glob(
+        "forkservers/*.sock"
+    ):
+        stop_fork_server(fork_server)
 
 
 # --- the session's store ------------------------------------------------------------------

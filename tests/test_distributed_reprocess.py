@@ -117,7 +117,8 @@ def raw_runs(
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnalysisStore]:
-    """The store the cluster writes: served by its local server, as a user's folder is."""
+    """The store the cluster and the process pool write: served by its local server, as a
+    user's folder is."""
     folder = tmp_path_factory.mktemp("target-store")
     yield AnalysisStore.open(folder, served=True)
     stop_server(folder)
@@ -279,26 +280,17 @@ def test_a_worker_killed_mid_batch_leaves_every_run_saved_exactly_once(
 # --- 2. a ProcessPoolExecutor -------------------------------------------------------------
 
 
-def test_a_process_pool_gives_the_same_children_as_this_process(
-    raw_runs, reference, tmp_path_factory
-):
+def test_a_process_pool_gives_the_same_children_as_this_process(raw_runs, reference, target):
     source, batch, _, _ = raw_runs
-    folder = tmp_path_factory.mktemp("pool-store")
-    pool_target = AnalysisStore.open(folder, served=True)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(
-            2, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            report = reprocess(
-                source, batch[:6], REDUCERS, pool_target, executor=pool, progress=False
-            )
-        assert report.failed == {}, str(report)
-        assert list(report.saved) == batch[:6]
-        assert_one_complete_child_each(pool_target, report.saved)
-        assert_same_children(pool_target, report.saved, reference, source)
-        assert journals_left(pool_target) == []
-    finally:
-        stop_server(folder)
+    with concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        report = reprocess(source, batch[:6], REDUCERS, target, executor=pool, progress=False)
+    assert report.failed == {}, str(report)
+    assert list(report.saved) == batch[:6]
+    assert_one_complete_child_each(target, report.saved)
+    assert_same_children(target, report.saved, reference, source)
+    assert journals_left(target) == []
 
 
 # --- 3. a corrupt run fails alone ---------------------------------------------------------
