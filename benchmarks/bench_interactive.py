@@ -9,11 +9,13 @@ Every figure is measured side by side in one run, and printed with its ratio:
   with the catalog served inside the command's process (``BLUESKY_ANALYSIS_STORE_SERVED=0``,
   how every call ran before the server); and the first call, which starts the server.
 - opening the store from Python in a fresh process (imports included), both ways;
-- a 21-point scan of a simulated camera started right after the callback is made, and one
-  started ``--settle`` seconds after (a scan typed at the prompt), each against the same
-  scan ``--warm-wait`` seconds later, each pair in a fresh process;
-- reading a derived HDF5 array (``--read-mib`` MiB) with ``store.read`` and through the
-  catalog (``array.read()``), against h5py reading the file, alternately;
+- a 21-point scan of a simulated camera started right after the callback is made (its
+  worker forked from the fork server, and, as when no fork server is up yet, started from
+  scratch), and one started ``--settle`` seconds after (a scan typed at the prompt), each
+  against the same scan ``--warm-wait`` seconds later, each pair in a fresh process;
+- reading a derived HDF5 array (``--read-mib`` MiB) with ``store.read``, with
+  ``array.read()`` of the store client's array, and with its lookup from the run done again
+  each time, against h5py reading the file, alternately;
 - ``reproduce`` of a child against the ``reprocess`` that made it.
 
 ``python benchmarks/bench_interactive.py [--repeats 5] [--scan-trials 3] [--json FILE]
@@ -177,13 +179,28 @@ _SCAN_SCRIPT = textwrap.dedent(
 
 
 def bench_first_scan(
-    folder: Path, raw: Path, trials: int, wait: float, settle: float = 0.0
+    folder: Path,
+    raw: Path,
+    trials: int,
+    wait: float,
+    settle: float = 0.0,
+    *,
+    fork_server: bool = True,
 ) -> dict[str, Any]:
+    """``fork_server``: the worker is forked from the fork server (started, if need be,
+    before the trials), else started from scratch, as when none is up yet."""
+    env = _env(True)
+    if fork_server:
+        from bluesky_analysis_store._forkserver import start_fork_server
+
+        start_fork_server()
+    else:
+        env["BLUESKY_ANALYSIS_STORE_FORKSERVER"] = "0"
     firsts, warms = [], []
     for _ in range(trials):
         result = subprocess.run(
             [PYTHON, "-c", _SCAN_SCRIPT, str(folder), str(raw), str(wait), str(settle)],
-            env=_env(True),
+            env=env,
             check=True,
             capture_output=True,
             text=True,
@@ -294,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     from bluesky_analysis_store._local_server import stop_server
 
     work = Path(tempfile.mkdtemp(prefix="bench-interactive-"))
+    # A cache of the run's own: its fork server is started (and stopped) here.
+    os.environ["BLUESKY_ANALYSIS_STORE_CACHE"] = str(work / "cache")
     results: dict[str, Any] = {"machine": _machine()}
     try:
         store = work / "store"
@@ -303,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         scan_store, scan_raw = work / "scans", work / "raw"
         scan_raw.mkdir()
         results["scan"] = bench_first_scan(scan_store, scan_raw, args.scan_trials, args.warm_wait)
+        results["scan, no fork server"] = bench_first_scan(
+            scan_store, scan_raw, args.scan_trials, args.warm_wait, fork_server=False
+        )
         results["scan after settling"] = bench_first_scan(
             scan_store, scan_raw, args.scan_trials, args.warm_wait, args.settle
         )
@@ -311,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for folder in ("store", "scans", "reads"):
             stop_server(work / folder)
+        from bluesky_analysis_store._forkserver import socket_path, stop_fork_server
+
+        stop_fork_server(socket_path())
         shutil.rmtree(work, ignore_errors=True)
     report = _report(results)
     print(report)
@@ -348,12 +373,16 @@ def _report(results: dict[str, Any]) -> str:
         f"opening the store from Python, imports included: {opening['served']:.2f} s served, "
         f"{opening['in process']:.2f} s in process ({opening['in process'] / opening['served']:.1f}x)"  # noqa: E501
     )
-    scan = results["scan"]
-    print(
-        f"21-point scan right after the callback is made: {scan['first scan']:.2f} s, "
-        f"warm: {scan['warm scan']:.2f} s, ratio {scan['ratio']:.2f} "
-        f"(trials: {', '.join(f'{r:.2f}' for r in scan['ratios'])})"
-    )
+    for key, what in (
+        ("scan", "(worker forked from the fork server)"),
+        ("scan, no fork server", "(no fork server up: worker started from scratch)"),
+    ):
+        scan = results[key]
+        print(
+            f"21-point scan right after the callback is made {what}: "
+            f"{scan['first scan']:.2f} s, warm: {scan['warm scan']:.2f} s, ratio "
+            f"{scan['ratio']:.2f} (trials: {', '.join(f'{r:.2f}' for r in scan['ratios'])})"
+        )
     settled = results["scan after settling"]
     print(
         f"the same, started {settled['settle']:.0f} s after the callback is made: "

@@ -45,7 +45,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["ForkedProcess", "IDLE_ENV", "fork_worker", "socket_path", "stop_fork_server"]
+__all__ = [
+    "DISABLE_ENV",
+    "IDLE_ENV",
+    "ForkedProcess",
+    "fork_worker",
+    "socket_path",
+    "start_fork_server",
+    "stop_fork_server",
+]
 
 IDLE_ENV = "BLUESKY_ANALYSIS_STORE_FORKSERVER_IDLE"
 """Seconds a fork server with no child left waits for a request before it ends."""
@@ -204,6 +212,29 @@ def fork_worker(to_child: int, from_child: int) -> ForkedProcess | None:
         return None
     (pid,) = _STATUS.unpack(data)
     return ForkedProcess(connection, pid)
+
+
+def start_fork_server(timeout: float = 60.0) -> Path:
+    """Start this code's fork server unless it is up, and wait (at most ``timeout``
+    seconds) until it answers; its socket's path."""
+    path = socket_path()
+    deadline = time.monotonic() + timeout
+    if not _answers(path):
+        _start_fork_server(path)
+    while not _answers(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no fork server answers on {path} after {timeout} s")
+        time.sleep(0.1)
+    return path
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _start_fork_server(path: Path) -> None:

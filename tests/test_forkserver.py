@@ -23,6 +23,7 @@ from bluesky_analysis_store._forkserver import (
     ForkedProcess,
     fork_worker,
     socket_path,
+    start_fork_server,
     stop_fork_server,
 )
 
@@ -125,7 +126,8 @@ def test_a_callbacks_worker_is_forked_with_the_sessions_environment_and_folder(
 def test_a_killed_forked_worker_reports_its_signal_and_a_new_one_is_forked(
     own_fork_server, store, caplog
 ):
-    server = started_fork_server(own_fork_server)
+    assert start_fork_server() == own_fork_server
+    server = fork_server_pid(own_fork_server)
     callback = AnalysisStoreCallback([reducer_seeing_its_process], store)
     try:
         first = callback.worker_pid
