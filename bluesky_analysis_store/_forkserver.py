@@ -214,13 +214,15 @@ def fork_worker(to_child: int, from_child: int) -> ForkedProcess | None:
     return ForkedProcess(connection, pid)
 
 
-def start_fork_server(timeout: float = 60.0) -> Path:
+def start_fork_server(timeout: float | None = 60.0) -> Path:
     """Start this code's fork server unless it is up, and wait (at most ``timeout``
-    seconds) until it answers; its socket's path."""
+    seconds; None: not at all) until it answers; its socket's path."""
     path = socket_path()
-    deadline = time.monotonic() + timeout
     if not _answers(path):
         _start_fork_server(path)
+    if timeout is None:
+        return path
+    deadline = time.monotonic() + timeout
     while not _answers(path):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no fork server answers on {path} after {timeout} s")

@@ -40,10 +40,15 @@ os.environ.setdefault("BLUESKY_ANALYSIS_STORE_SERVED", "0")
 @pytest.fixture(scope="session", autouse=True)
 def _empty_catalog_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """New stores copy their empty catalog from a cache of the session's (shared by the
-    xdist workers of one run), not the user's."""
+    xdist workers of one run), not the user's; the workers' fork server is the run's too."""
     from bluesky_analysis_store._catalog_template import CACHE_ENV
 
     os.environ[CACHE_ENV] = str(tmp_path_factory.getbasetemp().parent / "catalog-cache")
+    from bluesky_analysis_store._forkserver import start_fork_server
+
+    # Started at the first test, without waiting for it: the workers of the callbacks that
+    # follow are forked rather than started from scratch.
+    start_fork_server(timeout=None)
 
 
 @pytest.fixture(scope="session", autouse=True)
