@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from event_model import DocumentNames, schema_validators
 
 from ._delivery import deliver_documents, expected_counts
 from ._journal import JournalContents, RunJournal, journal_paths, read_journal
+from ._replay import failed_stop
 
 __all__ = ["INTERRUPTED_REASON", "RecoveryReport", "recover"]
 
@@ -112,20 +111,13 @@ def interrupted_stop(
 ) -> dict[str, Any]:
     counts = expected_counts(contents.documents)
     events = sum(counts.events.values())
-    stop = {
-        "uid": str(uuid.uuid4()),
-        "time": time.time(),
-        "run_start": uid,
-        "exit_status": "fail",
-        "reason": reason,
-        "num_events": dict(counts.events),
-        "reduction": {
-            "events_reduced": events,
-            "events_failed": None,
-            "failures": [],
-            "raw_exit_status": None,
-            "interrupted": True,
-        },
+    stop = failed_stop(uid, reason, dict(counts.events))
+    stop["reduction"] = {
+        "events_reduced": events,
+        "events_failed": None,
+        "failures": [],
+        "raw_exit_status": None,
+        "interrupted": True,
     }
     schema_validators[DocumentNames.stop].validate(stop)
     return stop

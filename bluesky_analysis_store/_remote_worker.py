@@ -26,7 +26,6 @@ import asyncio
 import logging
 import signal
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,6 +35,7 @@ from ._callback import AnalysisStoreCallback
 from ._confinement import is_inside
 from ._errors import AssetLocationError, MessageError
 from ._handover import Abandoned
+from ._replay import failed_stop
 from ._zmq_documents import zmq_loads
 
 __all__ = ["DocumentGate", "RemoteWorker", "SafeRemoteDispatcher", "check_root_map"]
@@ -166,15 +166,7 @@ class DocumentGate:
                 "remote worker"
             )
             logger.warning("run %s: %s", run, reason)
-            stop = {
-                "uid": str(uuid.uuid4()),
-                "time": time.time(),
-                "run_start": run,
-                "exit_status": "fail",
-                "reason": reason,
-                "num_events": {},
-            }
-            self._give("stop", stop)
+            self._give("stop", failed_stop(run, reason, {}))
         return silent
 
     def _skip(self, message: str) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "STAND_IN_REASON",
     "StreamNode",
     "count_events",
+    "failed_stop",
     "replay_run",
     "stand_in_stop",
     "stop_document",
@@ -181,13 +182,23 @@ def stand_in_stop(run: Any) -> dict[str, Any]:
         lengths[name] = stream.length()
         if "time" in stream and lengths[name]:
             times.append(float(np.asarray(stream["time"].read()).max()))
+    return failed_stop(start["uid"], STAND_IN_REASON, lengths, time=max(times))
+
+
+def failed_stop(
+    run_start: str, reason: str, num_events: dict[str, int], *, time: float | None = None
+) -> dict[str, Any]:
+    """A stop document closing the run ``run_start`` as failed, for ``reason``, after
+    ``num_events``: what closes a run whose own stop never came (default time: now)."""
+    import time as clock
+
     return {
         "uid": str(uuid.uuid4()),
-        "run_start": start["uid"],
-        "time": max(times),
+        "run_start": run_start,
+        "time": clock.time() if time is None else time,
         "exit_status": "fail",
-        "reason": STAND_IN_REASON,
-        "num_events": lengths,
+        "reason": reason,
+        "num_events": num_events,
     }
 
 

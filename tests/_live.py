@@ -82,6 +82,15 @@ class DocumentRecorder:
 # --- reading back -------------------------------------------------------------------------
 
 
+def eventually(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Wait for ``condition()`` (a background thread or process makes it true); fail after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.05)
+
+
 def children_of(store: Any, raw_uid: str) -> list[str]:
     """The child runs of ``raw_uid``: none when the store holds neither it (a raw run the
     test did not save there) nor any run derived from it."""

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _live import eventually
 from bluesky.plans import count
 from ophyd.sim import det
 
@@ -30,11 +31,6 @@ from bluesky_analysis_store._forkserver import (
 HANG = 60.0
 
 
-def eventually(condition, what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {HANG} s"
-        time.sleep(0.05)
 
 
 def parent_pid(pid: int) -> int:

@@ -12,14 +12,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 import pytest
-from _live import DocumentRecorder, children_of
+from _live import DocumentRecorder, children_of, eventually
 from _reducers_for_tests import scaled
 from bluesky.plans import count
 from ophyd.sim import det
@@ -33,14 +32,6 @@ from bluesky_analysis_store import (
 from bluesky_analysis_store._worker_process import MessagePipe, decode, encode
 
 HANG = 60.0  # bound on waits that end at once when things work
-
-
-def eventually(condition, what: str) -> None:
-    """Wait for ``condition()`` (a background thread makes it true); fail after HANG."""
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {HANG} s"
-        time.sleep(0.05)
 
 
 def running(pid: int) -> bool:
