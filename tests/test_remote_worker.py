@@ -433,16 +433,19 @@ def test_a_run_whose_publisher_was_killed_is_closed_as_failed(
     old.send("endless")
     raw_uid = old.wait_for("raw ", after=after).split()[1]
     old.wait_for("event 3", after=after)
+    # A PUB socket sends from its own thread: a ping published after "event 3" was printed
+    # and seen by the worker means the first three events left before the SIGKILL.
+    connected(publisher_ping(old), worker)
     old.process.kill()
     old.process.wait()
+    new = start_publisher(proxy, folders)  # first, so the next tests have a publisher
+    session["processes"].append(new)
+    session["publisher"] = new
     child = complete_child(reader, raw_uid, worker)
     assert child.stop["exit_status"] == "fail"
     assert "no stop document came" in child.stop["reason"]
     events_published = sum(1 for line in old.stdout[after:] if line.startswith("event "))
     assert 3 <= child.stop["num_events"]["primary"] <= events_published
-    new = start_publisher(proxy, folders)
-    session["processes"].append(new)
-    session["publisher"] = new
     connected(publisher_ping(new), worker)
 
 
