@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 import threading
@@ -16,6 +15,7 @@ from ._errors import AnalysisStoreError
 from ._handover import Abandoned, RunWaiter, Worker, close_at_exit, wait_async
 from ._live_router import LiveRouter
 from ._live_view import LiveView, finished_through
+from ._pending_writes import import_writer
 from ._plans import wait_for_derived_wrapper
 from ._reduction import OnError, ReductionPlan
 from ._run_summary import SUMMARY_LOGGER, show_summaries
@@ -209,11 +209,10 @@ class AnalysisStoreCallback:
         self._finalizer.atexit = False  # close_at_exit's hooks see to that, earlier
         if self._worker is not None:
             # The session saves runs too (``RE.subscribe(store)``): its run writer's imports
-            # (a second) are made now, in the background, not on the first scan's first
-            # document on the RunEngine's thread.
+            # (a second) start now, in the background, so that the documents the store
+            # keeps until they are done (_pending_writes) are written sooner.
             threading.Thread(
-                target=importlib.import_module,
-                args=("bluesky_analysis_store._tiled_writing",),
+                target=import_writer,
                 name="analysis-store-imports",
                 daemon=True,
             ).start()

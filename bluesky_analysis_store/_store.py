@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 from ._composer import compose_documents
 from ._confinement import check_readable
 from ._errors import AnalysisStoreError, RunNotFoundError
+from ._pending_writes import PendingWrites, writer_importable_now
 from ._provenance import check_parents, code_identity
 from ._trust import claims_derivation
 
@@ -251,6 +252,7 @@ class AnalysisStore:
         self._catalog: Any = None
         self._flush_interval = flush_interval
         self._writer_: Any = None
+        self._pending: PendingWrites | None = None
         self.asset_root = os.path.abspath(asset_root) if asset_root is not None else None
         self.readable_roots = (
             [os.path.abspath(r) for r in readable_roots] if readable_roots is not None else None
@@ -383,6 +385,7 @@ class AnalysisStore:
         Its arrays whose files are on this machine, inside the store's readable folders,
         are read from them in this process (see :meth:`read`): ``array.read()`` then costs
         about what reading the file does, not a trip of every byte through the server."""
+        self._wait_for_pending_writes()
         if self._client is None:
             from tiled.client import from_context
 
@@ -407,6 +410,10 @@ class AnalysisStore:
         """The catalog as plain tiled nodes: runs and streams are tiled containers, read
         without importing the client classes of bluesky-tiled-plugins (a second or two);
         their start and stop documents are in ``catalog[uid].metadata``."""
+        self._wait_for_pending_writes()
+        return self._plain_catalog()
+
+    def _plain_catalog(self) -> Any:
         if self._catalog is None:
             from tiled.client import from_context
 
@@ -425,8 +432,16 @@ class AnalysisStore:
         if self._writer_ is None:
             from ._tiled_writing import FlushingTiledWriter
 
-            self._writer_ = FlushingTiledWriter(self.catalog, flush_interval=self._flush_interval)
+            self._writer_ = FlushingTiledWriter(
+                self._plain_catalog(), flush_interval=self._flush_interval
+            )
         return self._writer_
+
+    def _wait_for_pending_writes(self) -> None:
+        """Reads in this process see the documents handed to the store before them."""
+        pending = self._pending
+        if pending is not None and not pending.caught_up:
+            pending.wait()
 
     def __call__(self, name: str, doc: dict[str, Any], *, close_streams: bool = True) -> None:
         """Save one document; asset files outside the store's readable folders are refused.
@@ -449,10 +464,23 @@ class AnalysisStore:
                 "store.save, AnalysisStoreCallback or reprocess)",
                 doc.get("uid"),
             )
+        if self._pending is None and self._writer_ is None and not writer_importable_now():
+            # The first document of a session: not held while the writer imports (a
+            # second); see _pending_writes.
+            self._pending = PendingWrites(lambda: self._writer)
+        pending = self._pending
+        if pending is not None:
+            if pending.add(name, doc, close_streams):
+                return
+            self._pending = None  # caught up: written directly from now on
+            self._writer(name, doc, close_streams=close_streams)
+            pending.raise_refused()
+            return
         self._writer(name, doc, close_streams=close_streams)
 
     def close_streams(self) -> None:
         """End the streams of runs saved with ``close_streams=False``."""
+        self._wait_for_pending_writes()
         self._writer.close_streams()
 
     def check_asset_location(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -467,6 +495,10 @@ class AnalysisStore:
     def flush(self) -> None:
         """Write rows buffered for open runs, so readers see them now (and end the streams
         of runs saved with ``close_streams=False``)."""
+        pending = self._pending
+        if pending is not None:
+            pending.wait()
+            pending.raise_refused()
         self._writer.flush()
 
     def save(

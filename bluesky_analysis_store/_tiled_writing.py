@@ -295,3 +295,6 @@ def normalized_stream_resource(doc: Mapping[str, Any]) -> dict[str, Any]:
     conversion and some consolidators change the document they are given), so that the live
     filler reads what tiled reads."""
     return _normalizer()._convert_resource_to_stream_resource(copy.deepcopy(dict(doc)))
+
+
+IMPORTED = True  # the last statement: see _pending_writes.writer_importable_now
