@@ -15,7 +15,7 @@ from ._errors import AnalysisStoreError
 from ._handover import Abandoned, RunWaiter, Worker, close_at_exit, wait_async
 from ._live_router import LiveRouter
 from ._live_view import LiveView, finished_through
-from ._pending_writes import import_writer
+from ._pending_writes import import_writer_in_background
 from ._plans import wait_for_derived_wrapper
 from ._reduction import OnError, ReductionPlan
 from ._run_summary import SUMMARY_LOGGER, show_summaries
@@ -208,14 +208,11 @@ class AnalysisStoreCallback:
         self._finalizer = weakref.finalize(self, _close_collected, self._work, self._view)
         self._finalizer.atexit = False  # close_at_exit's hooks see to that, earlier
         if self._worker is not None:
-            # The session saves runs too (``RE.subscribe(store)``): its run writer's imports
-            # (a second) start now, in the background, so that the documents the store
-            # keeps until they are done (_pending_writes) are written sooner.
-            threading.Thread(
-                target=import_writer,
-                name="analysis-store-imports",
-                daemon=True,
-            ).start()
+            # The session saves runs too (``RE.subscribe(store)``), and a thread worker
+            # delivers from here: the run writer's imports (a second) start now, in the
+            # background, so that the documents the store keeps until they are done
+            # (_pending_writes) are written sooner.
+            import_writer_in_background()
 
     @property
     def background(self) -> bool:

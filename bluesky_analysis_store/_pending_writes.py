@@ -29,7 +29,7 @@ from typing import Any
 
 from ._handover import at_threading_exit
 
-__all__ = ["PendingWrites", "import_writer", "writer_importable_now"]
+__all__ = ["PendingWrites", "import_writer", "import_writer_in_background", "writer_importable_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +49,35 @@ def import_writer() -> None:
     importlib.import_module(WRITER_MODULE)
 
 
+def import_writer_in_background() -> None:
+    """Start :func:`import_writer` in a daemon thread."""
+    make_imports_exit_safe()
+    threading.Thread(target=import_writer, name="analysis-store-imports", daemon=True).start()
+
+
+def make_imports_exit_safe() -> None:
+    """Let a writer import in another thread finish while the interpreter ends.
+
+    ``concurrent.futures``' executors register threading exit hooks when imported (dask
+    imports them), which raises once the interpreter is ending: a writer import still
+    running then would fail, and so would every write waiting for it. They are imported
+    here, on the caller's thread, before the end can come (tens of milliseconds).
+    """
+    import concurrent.futures.process
+    import concurrent.futures.thread  # noqa: F401
+
+
 class PendingWrites:
     """Documents kept in order until ``make_writer()`` (which imports the run writer) has
     returned, then written from a thread of their own; see the module docstring."""
 
     def __init__(self, make_writer: Callable[[], Write]) -> None:
-        # These register threading exit hooks when imported (dask imports them), which
-        # fails once the interpreter is ending: the writes a script's exit waits for would
-        # then never start. Imported here, before the end can come (about 60 ms).
-        import concurrent.futures.process
-        import concurrent.futures.thread  # noqa: F401
-
         self._make_writer = make_writer
         self._documents: deque[tuple[str, dict[str, Any], bool]] = deque()
         self._lock = threading.Lock()
         self._caught_up = threading.Event()
         self._error: BaseException | None = None
+        make_imports_exit_safe()  # make_writer imports the writer: exit may wait for it
         self._thread = threading.Thread(
             target=self._write_all, name="analysis-store-pending-writes", daemon=True
         )

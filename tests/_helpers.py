@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -126,3 +128,17 @@ def assert_unchanged(value: Any, before: Any) -> None:
             assert_unchanged(item, item_before)
         return
     assert type(value) is type(before) and value == before, (value, before)
+
+
+def run_command(*argv: str) -> tuple[int, str, str]:
+    """``bluesky-analysis-store ARGV`` through ``main`` in this process: its exit status,
+    stdout and stderr."""
+    from bluesky_analysis_store.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = main(list(argv))
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    return status, stdout.getvalue(), stderr.getvalue()

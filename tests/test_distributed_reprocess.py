@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import io
 import multiprocessing
 import os
 import pathlib
@@ -28,6 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from _cluster_reducers import HOLD_FOLDER_ENV, HOLD_KEY, HoldOnce, hold_file  # noqa: E402
+from _helpers import run_command  # noqa: E402
 from _live import DocumentRecorder, children_of  # noqa: E402
 from _offline_reducers import row_sums, scaled_total  # noqa: E402
 from bluesky import RunEngine  # noqa: E402
@@ -42,14 +42,13 @@ from bluesky_analysis_store._provenance import code_identity  # noqa: E402
 from bluesky_analysis_store._reduction import ReductionPlan, RunReduction  # noqa: E402
 from bluesky_analysis_store._replay import replay_run  # noqa: E402
 from bluesky_analysis_store._reprocess import reduce_run  # noqa: E402
-from bluesky_analysis_store.cli import main  # noqa: E402
 from bluesky_analysis_store.sim import spot_camera  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-RUNS = 40
+RUNS = 16
 HELD_RUN = 5  # the run whose first attempt is killed with its worker
-KILL_AFTER = 10  # runs saved before the kill
+KILL_AFTER = 6  # runs saved before the kill
 REDUCERS = [scaled_total, row_sums, HoldOnce()]
 COLUMNS = ("total", "row_sums", "parent_seq_num")
 
@@ -86,7 +85,7 @@ def cluster(hold_folder: pathlib.Path) -> Iterator[Any]:
 def raw_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[AnalysisStore, list[str], list[str], DocumentRecorder]]:
-    """The source store, its 40 raw runs (one marked to be held), 4 more for the corrupt
+    """The source store, its 16 raw runs (one marked to be held), 4 more for the corrupt
     batch, and every document the RunEngine emitted."""
     import asyncio
 
@@ -131,7 +130,7 @@ def kill_target(
     """Where the batch with a killed worker goes: a ``serve --database postgresql://...``
     server on a throwaway cluster, as a facility's shared store. (Many workers writing a
     folder through its local server are covered by the corrupt-run and command-line tests;
-    the 40-run batch is not repeated there, to keep the suite's time.)"""
+    the 16-run batch is not repeated there, to keep the suite's time.)"""
     from _serve_process import API_KEY, ServeProcess
 
     postgres = request.getfixturevalue("postgres")
@@ -216,16 +215,6 @@ def child_files(store: AnalysisStore, child_uid: str) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def run_command(*argv: str) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            status = main(list(argv))
-        except SystemExit as exit_:
-            status = exit_.code if isinstance(exit_.code, int) else 1
-    return status, stdout.getvalue(), stderr.getvalue()
-
-
 # --- 1. a worker killed mid-batch ---------------------------------------------------------
 
 
@@ -249,7 +238,7 @@ def test_a_worker_killed_mid_batch_leaves_every_run_saved_exactly_once(
         deadline = time.monotonic() + 120
         while not (held.exists() and held.read_text() and len(target) >= KILL_AFTER):
             assert batch_thread.is_alive(), "the batch ended before a worker was killed"
-            assert time.monotonic() < deadline, "the held run or 10 saved runs never came"
+            assert time.monotonic() < deadline, "the held run or KILL_AFTER saved runs never came"
             time.sleep(0.1)
         killed = int(held.read_text())
         assert killed in worker_pids  # the held run is in a worker, not in this process

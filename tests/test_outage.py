@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pytest
 from _faults import API_KEY, record_outcome
+from _helpers import run_command
 from _reducers_for_tests import SeqNumFrames, leaking
 from bluesky.plans import count
 from ophyd.sim import det
@@ -172,7 +173,7 @@ def read_until(process: subprocess.Popen, prefix: str) -> str:
     raise AssertionError(f"the session ended before {prefix!r}: {process.stderr.read()}")
 
 
-def test_server_down_until_after_the_session_then_recover(server, journal):
+def test_server_down_until_after_the_session_then_recover(server, journal, monkeypatch):
     env = {**os.environ, DATA_ROOT_ENV: str(server.assets), JOURNAL_ENV: str(journal)}
     session = run_session(server.uri, env)
     try:
@@ -188,12 +189,9 @@ def test_server_down_until_after_the_session_then_recover(server, journal):
             server.start()
     store = AnalysisStore.from_uri(server.uri, API_KEY)
     assert [p.name for p in journal.glob("*.journal")], "nothing was journaled"
-    result = subprocess.run(
-        [sys.executable, "-m", "bluesky_analysis_store", "recover", "--store", server.uri,
-         "--api-key", API_KEY],
-        capture_output=True, text=True, timeout=DEADLINE, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    monkeypatch.setenv(JOURNAL_ENV, str(journal))
+    status, out, err = run_command("recover", "--store", server.uri, "--api-key", API_KEY)
+    assert status == 0, out + err
     (child_uid,) = store.children(raw_uid)
     assert_every_event_once_and_aligned(
         store, child_uid, POINTS, scenario="server down until after the session, then recover",
