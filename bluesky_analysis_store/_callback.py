@@ -15,7 +15,7 @@ from ._errors import AnalysisStoreError
 from ._handover import Abandoned, RunWaiter, Worker, close_at_exit, wait_async
 from ._live_router import LiveRouter
 from ._live_view import LiveView, finished_through
-from ._pending_writes import import_writer_in_background
+from ._pending_writes import import_writer_in_background, make_imports_exit_safe
 from ._plans import wait_for_derived_wrapper
 from ._reduction import OnError, ReductionPlan
 from ._run_summary import SUMMARY_LOGGER, show_summaries
@@ -204,6 +204,7 @@ class AnalysisStoreCallback:
         self._work: Any = self._worker or _Foreground(self._router, self._open_runs)
         if self._worker is None:
             close_at_exit(self._work, "callback")
+            make_imports_exit_safe()  # the delivery thread imports the run writer
         # Neither this nor the worker's threads hold the callback: dropping it closes them.
         self._finalizer = weakref.finalize(self, _close_collected, self._work, self._view)
         self._finalizer.atexit = False  # close_at_exit's hooks see to that, earlier

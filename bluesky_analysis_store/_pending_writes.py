@@ -29,7 +29,13 @@ from typing import Any
 
 from ._handover import at_threading_exit
 
-__all__ = ["PendingWrites", "import_writer", "import_writer_in_background", "writer_importable_now"]
+__all__ = [
+    "PendingWrites",
+    "import_writer",
+    "import_writer_in_background",
+    "make_imports_exit_safe",
+    "writer_importable_now",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ that asks for it gets its own (one per module, not one per test). The live tests
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import os
 from collections.abc import Iterator
@@ -59,8 +60,11 @@ def _stop_store_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     from bluesky_analysis_store._forkserver import stop_fork_server
     from bluesky_analysis_store._local_server import SERVER_FILE, stop_server
 
-    for server_file in tmp_path_factory.getbasetemp().rglob(SERVER_FILE):
-        stop_server(server_file.parent)
+    folders = [
+        server_file.parent for server_file in tmp_path_factory.getbasetemp().rglob(SERVER_FILE)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # each waits for its server's exit
+        list(pool.map(stop_server, folders))
     # The worker fork server of the run (shared by its xdist workers: one that is still
     # running tests starts another on its next callback).
     for fork_server in (tmp_path_factory.getbasetemp().parent / "catalog-cache").glob(
@@ -252,34 +256,6 @@ def make_callback(store: AnalysisStore):
     yield make
     for callback in made:
         callback.close(timeout=60)
-
-
-# --- the order modules run in ---------------------------------------------------------------
-
-# pytest-xdist (``--dist loadfile``) gives each free worker the next module in collection
-# order. Modules that take minutes go first, so that no long one starts last and ends the
-# run alone while the other core idles.
-_LONG_MODULES = (
-    "test_outage.py",
-    "test_distributed_reprocess.py",
-    "test_serve.py",
-    "test_remote_worker.py",
-    "test_callback.py",
-    "test_worker_process.py",
-    "test_reprocess.py",
-    "test_reproduce.py",
-    "test_cli.py",
-    "test_disk_full.py",
-    "test_local_server.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
-
-    items.sort(key=rank)  # stable: tests keep their order within a module
 
 
 # --- a PostgreSQL cluster of the module's own -----------------------------------------------

@@ -28,6 +28,10 @@ from bluesky_analysis_store._forkserver import (
     stop_fork_server,
 )
 
+# Worker processes open the store again: served by its local server, in a fraction of a
+# second each (see conftest's ``store``).
+STORE_SERVED = True
+
 HANG = 60.0
 
 

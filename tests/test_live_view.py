@@ -36,6 +36,10 @@ from bluesky_analysis_store._run_summary import (
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Worker processes open the store again: served by its local server, in a fraction of a
+# second each (see conftest's ``store``).
+STORE_SERVED = True
+
 BACKGROUNDS = {"process": True, "thread": "thread", "foreground": False}
 MODES = pytest.mark.parametrize("mode", list(BACKGROUNDS))
 POSITIONS = [-1.0, -0.5, 0.0, 0.5, 1.0]

@@ -29,6 +29,10 @@ from bluesky_analysis_store import (
 )
 from bluesky_analysis_store._provenance import resolve_code_name
 
+# Worker processes open the store again: served by its local server, in a fraction of a
+# second each (see conftest's ``store``).
+STORE_SERVED = True
+
 pytestmark = pytest.mark.usefixtures("isolated_env")
 
 

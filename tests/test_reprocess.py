@@ -28,6 +28,10 @@ from bluesky_analysis_store.example_reducers import (  # noqa: E402
     normalise_and_sum,
 )
 
+# Worker processes open the store again: served by its local server, in a fraction of a
+# second each (see conftest's ``store``).
+STORE_SERVED = True
+
 # The RunEngine, the devices and the module's store are fixtures of conftest.py.
 pytestmark = pytest.mark.usefixtures("runs_saved_in_store")
 
