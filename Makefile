@@ -28,7 +28,7 @@ test: $(STAMP)
 	@$(BIN)/python -m compileall -q bluesky_analysis_store tests >/dev/null
 	@waits_log=$$(mktemp); waits_tmp=$$(mktemp -d); \
 	$(BIN)/python -m pytest -m waits --basetemp="$$waits_tmp" $(WAITS_MODULES) >"$$waits_log" 2>&1 & waits=$$!; \
-	$(BIN)/python -m pytest -n auto --dist loadfile -m "not waits"; status=$$?; \
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not waits"; status=$$?; \
 	wait $$waits || status=1; \
 	echo "--- the cases that wait (pytest -m waits) ---"; cat "$$waits_log"; \
 	rm -rf "$$waits_log" "$$waits_tmp"; exit $$status
@@ -36,7 +36,7 @@ test: $(STAMP)
 # Everything but the slow fault-injection and load cases.
 test-fast: $(STAMP)
 	@$(BIN)/python -m compileall -q bluesky_analysis_store tests >/dev/null
-	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_live_reduction.py

@@ -258,6 +258,42 @@ def make_callback(store: AnalysisStore):
         callback.close(timeout=60)
 
 
+# --- the order modules run in ---------------------------------------------------------------
+
+# pytest-xdist (``--dist loadfile --no-loadscope-reorder``, as the Makefile runs it) gives
+# each free worker the next module in collection order. The modules that take longest (their
+# times in a ``--durations=0`` run) go first, so that no long one starts last and ends the
+# run alone while the other core idles. Without ``--no-loadscope-reorder`` xdist orders the
+# modules by their number of tests instead.
+_LONG_MODULES = (
+    "test_distributed_reprocess.py",
+    "test_callback.py",
+    "test_outage.py",
+    "test_cli.py",
+    "test_serve.py",
+    "test_worker_process.py",
+    "test_reprocess.py",
+    "test_reproduce.py",
+    "test_remote_worker.py",
+    "test_local_server.py",
+    "test_watch.py",
+    "test_forkserver.py",
+    "test_delivery.py",
+    "test_catalog_lock.py",
+    "test_disk_full.py",
+    "test_formats.py",
+    "test_store.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
+
+    items.sort(key=rank)  # stable: tests keep their order within a module
+
+
 # --- a PostgreSQL cluster of the module's own -----------------------------------------------
 
 
