@@ -27,8 +27,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._handover import at_threading_exit
-
 __all__ = [
     "PendingWrites",
     "import_writer",
@@ -88,6 +86,9 @@ class PendingWrites:
             target=self._write_all, name="analysis-store-pending-writes", daemon=True
         )
         self._thread.start()
+        # Imported here, not with the store: every command line start would pay for it.
+        from ._handover import at_threading_exit
+
         at_threading_exit(self.wait)
 
     def add(self, name: str, doc: dict[str, Any], close_streams: bool) -> bool:
