@@ -23,12 +23,13 @@ demo: $(STAMP)
 # processes the tests start would otherwise compile the package again.
 # Only the modules that have such cases are collected for them (collecting every module
 # imports every test's dependencies: seconds of the other pytest's processor time).
+WORKERS ?= auto
 WAITS_MODULES = $(shell grep -l "mark.waits" tests/test_*.py)
 test: $(STAMP)
 	@$(BIN)/python -m compileall -q bluesky_analysis_store tests >/dev/null
 	@waits_log=$$(mktemp); waits_tmp=$$(mktemp -d); \
 	$(BIN)/python -m pytest -m waits --basetemp="$$waits_tmp" $(WAITS_MODULES) >"$$waits_log" 2>&1 & waits=$$!; \
-	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not waits"; status=$$?; \
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not waits"; status=$$?; \
 	wait $$waits || status=1; \
 	echo "--- the cases that wait (pytest -m waits) ---"; cat "$$waits_log"; \
 	rm -rf "$$waits_log" "$$waits_tmp"; exit $$status

@@ -175,10 +175,9 @@ def _check_reachable(database: str) -> None:
 
 def _postgres_app(settings: ServerSettings) -> Any:
     from tiled.catalog import from_uri
-    from tiled.config import Authentication
-    from tiled.server.app import build_app
 
-    from ._store import _CATALOG_SPECS, _serialization_registry
+    from ._store import _CATALOG_SPECS
+    from ._tiled_app import build_store_app
 
     assert settings.database is not None
     rest = settings.database.split("://", 1)[1]
@@ -197,11 +196,7 @@ def _postgres_app(settings: ServerSettings) -> Any:
         raise AnalysisStoreError(
             f"cannot open the catalog in {redacted(settings.database)}: {detail}"
         ) from None
-    return build_app(
-        adapter,
-        authentication=Authentication(single_user_api_key=settings.api_key),
-        serialization_registry=_serialization_registry(),
-    )
+    return build_store_app(adapter, api_key=settings.api_key)
 
 
 def _embedded_app(settings: ServerSettings) -> Any:

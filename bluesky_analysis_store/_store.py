@@ -60,18 +60,6 @@ def _asset_paths(name: str, doc: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _serialization_registry() -> Any:
-    """tiled's exporters plus bluesky's document stream, so that ``run.documents()`` works."""
-    import copy
-
-    from bluesky_tiled_plugins.exporters import json_seq_exporter
-    from tiled.media_type_registration import default_serialization_registry
-
-    registry = copy.copy(default_serialization_registry)
-    registry.register("BlueskyRun", "application/json-seq", json_seq_exporter)
-    return registry
-
-
 def _remember_readable(folder: Path, readable: Sequence[str | os.PathLike[str]]) -> list[str]:
     """The extra readable folders given now and at earlier opens (kept in store.json).
 
@@ -693,10 +681,10 @@ def build_embedded_app(
     """The tiled app serving an embedded store's folder (its catalog created if needed),
     with tiled's streaming cache when ``cache_config`` is given."""
     from tiled.catalog import from_uri
-    from tiled.server.app import build_app
 
     from ._catalog_lock import CatalogLock
     from ._catalog_template import copy_empty_catalog
+    from ._tiled_app import build_store_app
 
     lock = CatalogLock(folder)
     catalog = folder / "catalog.db"
@@ -714,16 +702,7 @@ def build_embedded_app(
             )
     finally:
         lock.close()
-    authentication = None
-    if api_key is not None:
-        from tiled.config import Authentication
-
-        authentication = Authentication(single_user_api_key=api_key)
-    return build_app(
-        adapter,
-        authentication=authentication,
-        serialization_registry=_serialization_registry(),
-    )
+    return build_store_app(adapter, api_key=api_key)
 
 
 def _in_process_context(folder: Path, readable_roots: Sequence[str], catalog_lock: Any) -> Any:
