@@ -17,7 +17,14 @@ API_KEY = secrets.token_hex(32)
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory):
-    return build_embedded_app(tmp_path_factory.mktemp("store"), [], api_key=API_KEY)
+    from tiled.server.settings import get_settings
+
+    settings = get_settings()
+    key_before = settings.single_user_api_key
+    yield build_embedded_app(tmp_path_factory.mktemp("store"), [], api_key=API_KEY)
+    # tiled keeps one settings object per process, which an app's settings change in place:
+    # the stores that other tests serve in this process get their key back.
+    settings.single_user_api_key = key_before
 
 
 def test_requests_resolve_no_dependency_anew(app, monkeypatch: pytest.MonkeyPatch):
