@@ -4,7 +4,9 @@ A worker process started from scratch spends seconds importing tiled's client, t
 writer, the handlers (dask, pandas, pyarrow, h5py) before it can reduce anything: the first
 scan after a callback is made waited for it. One fork server per user, Python and code
 (``python -m bluesky_analysis_store._forkserver SOCKET``, detached) imports them once;
-each worker is then a ``fork()`` of it, ready in milliseconds.
+each worker is then a ``fork()`` of it, ready in milliseconds. It imports tiled's server
+stack too, and forks the local store servers of ``_local_server`` (seconds of imports
+each, otherwise) when a session has started it.
 
 Why not ``multiprocessing``'s forkserver: it belongs to one parent process (each session
 would start and warm its own, which is the cost to avoid) and its children import the
@@ -15,8 +17,10 @@ worker's two pipe ends and its own stdout and stderr (``SCM_RIGHTS``) with its e
 and working directory; the server forks, the child takes them on and runs
 :func:`bluesky_analysis_store._worker_process.main`, and the server answers with the
 child's pid and, when it ends, its exit status (as ``subprocess`` gives it: negative for a
-signal). :class:`ForkedProcess` is the session's handle, with ``Popen``'s ``pid``,
-``wait`` and ``kill``.
+signal). A request for a local store server sends its log instead, and the child runs
+:func:`bluesky_analysis_store._local_server.main` with the request's arguments.
+:class:`ForkedProcess` is the session's handle, with ``Popen``'s ``pid``, ``wait`` and
+``kill``.
 
 The session never waits for a fork server to start: when none answers, it starts one for
 later workers and starts this worker from scratch. The socket's name carries a digest of
@@ -49,6 +53,7 @@ __all__ = [
     "DISABLE_ENV",
     "IDLE_ENV",
     "ForkedProcess",
+    "fork_local_server",
     "fork_worker",
     "socket_path",
     "start_fork_server",
@@ -175,6 +180,13 @@ class ForkedProcess:
             except (ProcessLookupError, OSError):
                 pass
 
+    def release(self) -> None:
+        """Stop following the process, which goes on: a detached server."""
+        self._connection.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
     def _ends_within(self, timeout: float | None) -> bool:
         """Whether the worker (no child of this process) ends within ``timeout``."""
         if self._pidfd is not None:  # readable once it has ended, reaped or not
@@ -191,6 +203,19 @@ def fork_worker(to_child: int, from_child: int) -> ForkedProcess | None:
     """A worker process forked by this code's fork server, given the two pipe ends; None
     when no fork server answers (one is then started for the next worker) or forking is
     switched off (``BLUESKY_ANALYSIS_STORE_FORKSERVER=0``)."""
+    return _fork("worker", [], [to_child, from_child, 1, 2], start_if_none=True)
+
+
+def fork_local_server(argv: Sequence[str], log: int) -> ForkedProcess | None:
+    """A local store server (``_local_server.main(argv)``) forked by this code's fork
+    server, writing to ``log``; None when no fork server answers (none is started for it:
+    a fork server is the sessions' to start) or forking is switched off."""
+    return _fork("local_server", list(argv), [log], start_if_none=False)
+
+
+def _fork(
+    entry: str, argv: list[str], fds: list[int], *, start_if_none: bool
+) -> ForkedProcess | None:
     if os.environ.get(DISABLE_ENV, "1") == "0" or not hasattr(socket, "send_fds"):
         return None
     path = socket_path()
@@ -198,14 +223,15 @@ def fork_worker(to_child: int, from_child: int) -> ForkedProcess | None:
     connection.settimeout(_CONNECT_TIMEOUT)
     try:
         connection.connect(str(path))
-        request = json.dumps({"environ": dict(os.environ), "cwd": os.getcwd()}).encode()
-        socket.send_fds(
-            connection, [_LENGTH.pack(len(request)) + request], [to_child, from_child, 1, 2]
-        )
+        request = json.dumps(
+            {"entry": entry, "argv": argv, "environ": dict(os.environ), "cwd": os.getcwd()}
+        ).encode()
+        socket.send_fds(connection, [_LENGTH.pack(len(request)) + request], fds)
         data = _receive_exactly(connection, _STATUS.size)
     except (OSError, ValueError):
         connection.close()
-        _start_fork_server(path)
+        if start_if_none:
+            _start_fork_server(path)
         return None
     if len(data) != _STATUS.size:
         connection.close()
@@ -323,6 +349,9 @@ def _preload() -> None:
     import cloudpickle  # noqa: F401 - the setup message is unpickled with it
 
     _worker_process.import_ahead()
+    from . import _local_server
+
+    _local_server.import_ahead()
 
 
 def serve(path: Path) -> int:
@@ -389,7 +418,8 @@ def _fork_one(
             os.close(fd)
         connection.close()
         return None
-    if len(fds) != 4:
+    entry = request.get("entry", "worker") if isinstance(request, dict) else None
+    if len(fds) != _FDS_OF_ENTRY.get(entry, -1):
         for fd in fds:
             os.close(fd)
         connection.close()
@@ -405,17 +435,10 @@ def _fork_one(
                 other.close()
             os.setsid()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            to_child, from_child, stdout, stderr = fds
-            os.dup2(stdout, 1)
-            os.dup2(stderr, 2)
-            os.close(stdout)
-            os.close(stderr)
             os.environ.clear()
             os.environ.update(request["environ"])
             os.chdir(request["cwd"])
-            from ._worker_process import main
-
-            code = main([str(to_child), str(from_child)])
+            code = _run_entry(entry, request.get("argv", []), fds)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:  # noqa: BLE001 - said on the session's stderr, then exit
@@ -433,6 +456,33 @@ def _fork_one(
     except OSError:
         pass  # the session is gone; the worker sees its pipes close and ends
     return pid, connection
+
+
+# What a request may ask to run, and the file descriptors it sends with it.
+_FDS_OF_ENTRY = {"worker": 4, "local_server": 1}
+
+
+def _run_entry(entry: str, argv: list[str], fds: list[int]) -> int:
+    """In the forked child: take on the request's descriptors and run what it asks."""
+    if entry == "worker":
+        to_child, from_child, stdout, stderr = fds
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        os.close(stdout)
+        os.close(stderr)
+        from ._worker_process import main
+
+        return main([str(to_child), str(from_child)])
+    (log,) = fds  # a local store server: detached, its output in its folder's log
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    from ._local_server import main as serve_folder
+
+    return serve_folder(argv)
 
 
 def _reap(children: dict[int, socket.socket]) -> None:

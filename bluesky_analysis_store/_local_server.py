@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 
 from ._errors import AnalysisStoreError
+from ._forkserver import ForkedProcess, fork_local_server
 
 __all__ = [
     "IDLE_ENV",
@@ -216,19 +217,31 @@ def _start(folder: Path, previous: ServerInfo | None) -> ServerInfo:
     api_key(folder)
     log = open(folder / LOG_FILE, "ab")  # noqa: SIM115 - handed to the server process
     try:
-        command = [sys.executable, "-m", "bluesky_analysis_store._local_server", str(folder)]
+        argv = [str(folder)]
         if previous is not None:
-            command += ["--port", str(previous.port)]  # clients keep their URL if it is free
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C in the session must not stop the server
-            close_fds=True,
-        )
+            argv += ["--port", str(previous.port)]  # clients keep their URL if it is free
+        # Forked, with tiled's server imported already, where a session has started the
+        # fork server of this code (_forkserver.py); started from scratch otherwise.
+        process: Any = fork_local_server(argv, log.fileno())
+        if process is None:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bluesky_analysis_store._local_server", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in the session must not stop the server
+                close_fds=True,
+            )
     finally:
         log.close()
+    try:
+        return _wait_until_ready(folder, process)
+    finally:
+        if isinstance(process, ForkedProcess):
+            process.release()
+
+
+def _wait_until_ready(folder: Path, process: Any) -> ServerInfo:
     deadline = time.monotonic() + _STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         code = process.poll()
@@ -381,6 +394,16 @@ async def _watch(server: Any, app: _OneRequestAtATime, folder: Path, idle_limit:
 # (``watch``) are told of new runs and rows. Data is kept for a subscriber that asks to start
 # from earlier for two minutes: a live view's needs, not an archive's.
 _STREAMING = {"uri": "memory", "data_ttl": 120}
+
+
+def import_ahead() -> None:
+    """Import what serving a folder needs (seconds: tiled's server and catalog), as a fork
+    server does before it forks a server."""
+    import uvicorn  # noqa: F401
+    from tiled.catalog import from_uri  # noqa: F401
+    from tiled.server.app import build_app  # noqa: F401
+
+    from . import _store, _tiled_app  # noqa: F401
 
 
 def serve(folder: Path, port: int | None = None) -> None:

@@ -39,6 +39,10 @@ class TiledServer:
             (folder / name).mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
+        from bluesky_analysis_store._catalog_template import copy_empty_catalog
+
+        if not self._initialised and copy_empty_catalog(self.folder / "catalog.db"):
+            self._initialised = True  # tiled's own initialisation is a subprocess of seconds
         tiled = Path(sys.executable).with_name("tiled")
         command = [
             str(tiled), "serve", "catalog", str(self.folder / "catalog.db"),

@@ -204,3 +204,31 @@ def test_a_removed_socket_ends_its_fork_server_and_forking_can_be_switched_off(
     assert fork_worker(*_unused_pipe()) is None
     time.sleep(0.5)
     assert not own_fork_server.exists()  # and none was started
+
+
+def test_a_local_store_server_is_forked_and_without_a_fork_server_started_anew(
+    own_fork_server, tmp_path, monkeypatch
+):
+    from bluesky_analysis_store import AnalysisStore
+    from bluesky_analysis_store._local_server import read_server_info, stop_server
+
+    def served_store_parent(folder: Path) -> int:
+        """The parent of the folder's server, read while it serves."""
+        store = AnalysisStore.open(folder, served=True)
+        try:
+            assert len(store.client) == 0  # it answers, with the folder's key
+            info = read_server_info(folder)
+            assert info is not None
+            return parent_pid(info.pid)
+        finally:
+            stop_server(folder)
+
+    # No fork server yet: this process starts the server from scratch, and starts no fork
+    # server for it.
+    assert served_store_parent(tmp_path / "scratch") == os.getpid()
+    assert not own_fork_server.exists()
+    # With one up: the server is its child, with the session's folder taken on.
+    server = started_fork_server(own_fork_server)
+    monkeypatch.chdir(tmp_path)
+    assert served_store_parent(tmp_path / "forked") == server
+    assert "serving" in (tmp_path / "forked" / "server.log").read_text()
