@@ -46,9 +46,9 @@ from bluesky_analysis_store.sim import spot_camera  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-RUNS = 16
-HELD_RUN = 5  # the run whose first attempt is killed with its worker
-KILL_AFTER = 6  # runs saved before the kill
+RUNS = 10
+HELD_RUN = 4  # the run whose first attempt is killed with its worker
+KILL_AFTER = 3  # runs saved before the kill
 REDUCERS = [scaled_total, row_sums, HoldOnce()]
 COLUMNS = ("total", "row_sums", "parent_seq_num")
 
@@ -85,7 +85,7 @@ def cluster(hold_folder: pathlib.Path) -> Iterator[Any]:
 def raw_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[AnalysisStore, list[str], list[str], DocumentRecorder]]:
-    """The source store, its 16 raw runs (one marked to be held), 4 more for the corrupt
+    """The source store, its 10 raw runs (one marked to be held), 4 more for the corrupt
     batch, and every document the RunEngine emitted."""
     import asyncio
 
@@ -130,7 +130,7 @@ def kill_target(
     """Where the batch with a killed worker goes: a ``serve --database postgresql://...``
     server on a throwaway cluster, as a facility's shared store. (Many workers writing a
     folder through its local server are covered by the corrupt-run and command-line tests;
-    the 16-run batch is not repeated there, to keep the suite's time.)"""
+    the 10-run batch is not repeated there, to keep the suite's time.)"""
     from _serve_process import API_KEY, ServeProcess
 
     postgres = request.getfixturevalue("postgres")
