@@ -419,7 +419,7 @@ def _fork_one(
         connection.close()
         return None
     entry = request.get("entry", "worker") if isinstance(request, dict) else None
-    if len(fds) != _FDS_OF_ENTRY.get(entry, -1):
+    if not isinstance(entry, str) or len(fds) != _FDS_OF_ENTRY.get(entry):
         for fd in fds:
             os.close(fd)
         connection.close()
