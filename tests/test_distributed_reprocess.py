@@ -215,6 +215,43 @@ def child_files(store: AnalysisStore, child_uid: str) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+def _thread_stacks() -> str:
+    """Every thread's stack in this process (run on each worker by ``cluster.run``)."""
+    import traceback
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+        for ident, frame in sys._current_frames().items()
+    )
+
+
+def within(seconds: float, cluster: Any, call: Any) -> Any:
+    """``call()``, failed with the stacks of the cluster's workers if it has not returned
+    within ``seconds``: a batch that hangs says where its tasks are."""
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(call())
+        except BaseException as error:  # noqa: BLE001 - raised again in the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        stacks = cluster.run(_thread_stacks)
+        pytest.fail(
+            f"not done within {seconds} s; the workers' threads:\n"
+            + "\n".join(f"=== worker {address}\n{text}" for address, text in stacks.items())
+        )
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
 # --- 1. a worker killed mid-batch ---------------------------------------------------------
 
 
@@ -398,7 +435,8 @@ def test_the_command_reprocesses_on_a_scheduler_and_refuses_bad_options(
         "--store", str(folder), "--source", source.location,
     ]  # fmt: skip
     try:
-        status, out, err = run_command(*base, "--scheduler", cluster.scheduler_info()["address"])
+        address = cluster.scheduler_info()["address"]
+        status, out, err = within(120, cluster, lambda: run_command(*base, "--scheduler", address))
         assert status == 0, err
         assert "2 saved" in out
         store = AnalysisStore.open(folder)
