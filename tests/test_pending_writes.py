@@ -32,11 +32,13 @@ _SCAN = textwrap.dedent(
     cam = spot_camera(motor, raw, shape=(6, 5))
     RE = RunEngine({})
     store = AnalysisStore.open(folder, readable=[raw], served=served)
-    RE.subscribe(store)
     importable_at_start = []
+    # Subscribed before the store: what the store found when the start reached it (nothing
+    # else here imports the writer; after the store, its own import thread might have).
     RE.subscribe(
         lambda name, doc: name == "start" and importable_at_start.append(writer_importable_now())
     )
+    RE.subscribe(store)
     [uid] = RE(scan([cam], motor, -1, 1, 7))
     print("importable at start", importable_at_start)
     print("uid", uid)
