@@ -151,15 +151,21 @@ def test_a_writer_killed_holding_the_lock_does_not_block_the_next(
         try:
             for name, doc in documents:
                 writer(name, doc)
+            # Until the run writer is imported, the store keeps what it is handed and
+            # returns (_pending_writes): this waits for the writes themselves.
+            writer.flush()
         except BaseException as error:  # reported by the test below
             errors.append(error)
 
     thread = threading.Thread(target=write)
     thread.start()
-    # While the holder lives, this writer waits (it does not fail with "database is locked").
-    thread.join(timeout=1.0)
-    assert thread.is_alive()
-    kill(holder)
+    try:
+        # While the holder lives, this writer waits (it does not fail with "database is
+        # locked").
+        thread.join(timeout=1.0)
+        assert thread.is_alive()
+    finally:
+        kill(holder)  # a holder left alive would hold the lock past the test
     thread.join()
     assert errors == []
     reader = AnalysisStore.open(folder)
