@@ -18,6 +18,7 @@ other file a run names. Every request needs the API key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -173,6 +174,28 @@ def _check_reachable(database: str) -> None:
         ) from None
 
 
+def catalog_is_current(uri: str) -> bool:
+    """Whether the database at ``uri`` (an async SQLAlchemy URI) holds a catalog of the
+    revision this tiled needs. tiled's ``init_if_not_exists`` runs ``tiled catalog init`` in
+    a subprocess at every start (seconds of imports), even for a catalog made long ago; it
+    is asked for only when this says no (an empty database, an older revision, an error)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from tiled.alembic_utils import check_database
+    from tiled.catalog.core import ALL_REVISIONS, REQUIRED_REVISION
+
+    async def check() -> bool:
+        engine = create_async_engine(uri)
+        try:
+            await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
+        except Exception:  # not there, older, unreadable: tiled's init says which
+            return False
+        finally:
+            await engine.dispose()
+        return True
+
+    return asyncio.run(check())
+
+
 def _postgres_app(settings: ServerSettings) -> Any:
     from tiled.catalog import from_uri
 
@@ -180,12 +203,12 @@ def _postgres_app(settings: ServerSettings) -> Any:
     from ._tiled_app import build_store_app
 
     assert settings.database is not None
-    rest = settings.database.split("://", 1)[1]
+    uri = f"postgresql+asyncpg://{settings.database.split('://', 1)[1]}"
     try:
-        # "If not exists": an empty database gets tiled's tables, a catalog is reused.
+        # An empty database gets tiled's tables; a catalog of this revision is reused.
         adapter = from_uri(
-            f"postgresql+asyncpg://{rest}",
-            init_if_not_exists=True,
+            uri,
+            init_if_not_exists=not catalog_is_current(uri),
             specs=_CATALOG_SPECS,
             writable_storage=[str(settings.folder / "data"), settings.database],
             readable_storage=settings.readable,

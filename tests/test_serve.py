@@ -73,6 +73,21 @@ def fresh_reader(server: ServeProcess) -> AnalysisStore:
     return AnalysisStore.from_uri(server.uri, API_KEY)
 
 
+def test_a_catalog_made_before_is_reused_without_tiled_s_initialisation(
+    served: ServeProcess, postgres: Any
+) -> None:
+    from bluesky_analysis_store._serving import catalog_is_current
+
+    def asyncpg(uri: str) -> str:
+        return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    # The served database holds the catalog its server made: a restart skips the init
+    # subprocess. An empty one, or one that cannot be read, is left to tiled's init.
+    assert catalog_is_current(asyncpg(postgres.uri()))
+    assert not catalog_is_current(asyncpg(postgres.createdb("never_initialised")))
+    assert not catalog_is_current(asyncpg(postgres.uri("no_such_database")))
+
+
 # --- saving and reading back ------------------------------------------------------------
 
 
@@ -143,7 +158,8 @@ def test_four_writer_processes_at_once_each_run_complete_and_its_own(
     live = fresh_reader(served)[live_child]
     assert live.stop["num_events"] == {"primary": 10}
     assert live["primary"]["parent_seq_num"].read().tolist() == list(range(1, 11))
-    np.testing.assert_allclose(live["primary"]["total"].read(), [10.0 * det.read()["det"]["value"]] * 10)
+    expected = [10.0 * det.read()["det"]["value"]] * 10
+    np.testing.assert_allclose(live["primary"]["total"].read(), expected)
     outcome = {int(writer): result for writer, result in json.loads(stdout).items()}
     assert sorted(outcome) == list(range(WRITERS))
     assert len({result["pid"] for result in outcome.values()}) == WRITERS
