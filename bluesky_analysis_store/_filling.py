@@ -24,7 +24,13 @@ from ._resource_paths import check_legacy_resource
 from ._stream_filling import StreamFiller
 from .formats import formats
 
-__all__ = ["EventFiller", "HANDLER_ENTRY_POINT_GROUP", "RouterFiller", "handler_registry"]
+__all__ = [
+    "EventFiller",
+    "HANDLER_ENTRY_POINT_GROUP",
+    "RouterFiller",
+    "entry_point_handler",
+    "handler_registry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +43,30 @@ _IMMUTABLE = (str, bytes, int, float, bool, type(None))
 def _entry_point_handlers() -> dict[str, type]:
     handlers: dict[str, type] = {}
     for entry_point in entry_points(group=HANDLER_ENTRY_POINT_GROUP):
-        try:
-            handlers[entry_point.name] = entry_point.load()
-        except Exception as error:  # one broken plugin must not hide the others
-            logger.warning("handler %s could not be loaded: %s", entry_point.name, error)
+        handler = _load_handler(entry_point)
+        if handler is not None:
+            handlers[entry_point.name] = handler
     return handlers
+
+
+@functools.cache
+def entry_point_handler(spec: str) -> type | None:
+    """The handler of ``spec`` among the ``databroker.handlers`` entry points, loaded alone
+    (None if none loads). Loading them all imports area-detector-handlers and ophyd: about
+    2 s of a process that reads a run which needs one of them, or none."""
+    for entry_point in entry_points(group=HANDLER_ENTRY_POINT_GROUP, name=spec):
+        handler = _load_handler(entry_point)
+        if handler is not None:
+            return handler
+    return None
+
+
+def _load_handler(entry_point: Any) -> type | None:
+    try:
+        return entry_point.load()
+    except Exception as error:  # one broken plugin must not hide the others
+        logger.warning("handler %s could not be loaded: %s", entry_point.name, error)
+        return None
 
 
 def handler_registry(extra: Mapping[str, type] | None = None) -> dict[str, type]:
@@ -107,6 +132,9 @@ class EventFiller(DocumentRouter):
     event-model's ``Filler`` does, a stream resource's URI path by its longest matching
     prefix. A resource whose files would leave their root is refused: the events that need
     it fail with ``AssetLocationError``, nothing of it is opened.
+
+    Without ``handlers``, this package's formats are registered at once and an entry
+    point's handler at the first resource of its spec (see :func:`entry_point_handler`).
     """
 
     def __init__(
@@ -122,8 +150,9 @@ class EventFiller(DocumentRouter):
         # A worker process's events are its own copies already.
         self._copy_values = copy_values
         self._root_map = dict(root_map or {})
+        self._handlers_by_entry_point = handlers is None
         self._filler = Filler(
-            dict(handlers if handlers is not None else handler_registry()),
+            dict(handlers if handlers is not None else formats.handler_registry()),
             root_map=self._root_map,
             inplace=False,
         )
@@ -149,6 +178,11 @@ class EventFiller(DocumentRouter):
             logger.warning("%s", error)
             self._refused_resources[doc["uid"]] = error
             return
+        spec = doc.get("spec")
+        if self._handlers_by_entry_point and spec not in self._filler.handler_registry:
+            handler = entry_point_handler(spec) if isinstance(spec, str) else None
+            if handler is not None:
+                self._filler.register_handler(spec, handler)
         self._filler("resource", doc)
 
     def datum(self, doc: dict[str, Any]) -> None:

@@ -81,6 +81,37 @@ def test_the_entry_points_give_ophyd_sims_npy_seq_handler_and_the_package_format
     assert handler_registry({"NPY_SEQ": Mine})["NPY_SEQ"] is Mine
 
 
+_FILL_WITHOUT_PLUGINS = """
+import sys
+import numpy as np
+from bluesky_analysis_store import compose_documents
+from bluesky_analysis_store._filling import EventFiller
+
+documents = list(compose_documents(
+    [{"primary": {"img": np.full((2, 2), n)}} for n in range(2)], {}, {"img": "NPY"},
+    root=sys.argv[1], asset_documents="resource", code=np.mean, strict=False,
+))
+filler = EventFiller()
+values = []
+for name, doc in documents:
+    if name == "event":
+        values.append(float(filler.fill(doc)["img"].sum()))
+    filler(name, doc)
+print(values, sorted({"ophyd", "area_detector_handlers"} & set(sys.modules)))
+"""
+
+
+def test_a_run_of_the_package_formats_loads_no_handler_plugin(tmp_path):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", _FILL_WITHOUT_PLUGINS, str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    # Filled by the package's own handler; the plugins of other specs stay unimported.
+    assert (result.returncode, result.stdout) == (0, "[0.0, 4.0] []\n"), result.stderr
+
+
 def test_legacy_npy_seq_frames_of_an_ophyd_sim_run_are_filled(RE, tmp_path):  # noqa: N803
     raw = tmp_path / "raw"
     raw.mkdir()
