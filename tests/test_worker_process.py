@@ -29,6 +29,7 @@ from bluesky_analysis_store import (
     AnalysisStoreCallback,
     AnalysisStoreError,
 )
+from bluesky_analysis_store._recovery import INTERRUPTED_REASON
 from bluesky_analysis_store._worker_process import MessagePipe, decode, encode
 
 HANG = 60.0  # bound on waits that end at once when things work
@@ -161,8 +162,12 @@ def test_a_killed_worker_does_not_break_the_scan_and_the_next_run_gets_a_new_one
     [death] = [m for m in messages if "worker process ended" in m]  # said once
     assert "killed by SIGKILL" in death and "starting a new one in 1 s" in death, death
     assert any(lost_uid in m and "ended first" in m for m in messages), messages
-    for child_uid in children_of(store, lost_uid):  # begun, perhaps, but never finished
-        assert store[child_uid].metadata.get("stop") is None
+    # Begun, perhaps, by the killed worker: then journaled, and closed as interrupted by the
+    # new worker's delivery (its journal recovered first), before the next run's child.
+    for child_uid in children_of(store, lost_uid):
+        stop = store[child_uid].metadata.get("stop")
+        assert stop is not None and stop["exit_status"] == "fail", stop
+        assert stop["reason"] == INTERRUPTED_REASON and stop["reduction"]["interrupted"]
     (child_uid,) = store.children(next_uid)
     assert store[child_uid].stop["reduction"]["events_reduced"] == 3
 
