@@ -726,7 +726,7 @@ from bluesky_analysis_store._quiet import quiet_tiled
 
 folder = sys.argv[1]
 def serve():
-    adapter = from_uri(f"sqlite:///{folder}/catalog.db", init_if_not_exists=True,
+    adapter = from_uri(f"sqlite:///{folder}/catalog.db",  # an empty catalog, copied
                        writable_storage=[f"{folder}/data"])
     return from_context(Context.from_app(build_app(adapter)))
 if sys.argv[2] == "quiet":
@@ -750,8 +750,11 @@ def _python(code: str, *args: str | os.PathLike[str], env: dict[str, str] | None
 
 @pytest.mark.slow
 def test_quiet_tiled_hides_the_banner_and_the_httpx_notice_only(tmp_path: Path) -> None:
-    (tmp_path / "loud" / "data").mkdir(parents=True)
-    (tmp_path / "quiet" / "data").mkdir(parents=True)
+    from bluesky_analysis_store._catalog_template import copy_empty_catalog
+
+    for name in ("loud", "quiet"):  # tiled's init subprocess would take seconds
+        (tmp_path / name / "data").mkdir(parents=True)
+        assert copy_empty_catalog(tmp_path / name / "catalog.db")
     loud = _python(_BUILD_APP, tmp_path / "loud", "loud")
     quiet = _python(_BUILD_APP, tmp_path / "quiet", "quiet")
     assert loud.returncode == 0 and quiet.returncode == 0, loud.stderr + quiet.stderr

@@ -123,7 +123,7 @@ def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor
 
 
 # Runs in the corrupt-run batch: three reduced live first, the rest only saved raw.
-RUNS = 8
+RUNS = 5
 
 
 def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
