@@ -142,3 +142,14 @@ def run_command(*argv: str) -> tuple[int, str, str]:
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1
     return status, stdout.getvalue(), stderr.getvalue()
+
+
+def users_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess that stands for a user's session: its
+    stores are served by their folders' servers, as a user's are (the suite's in-process
+    default, set in conftest for the tests' own process, is dropped), plus ``extra``."""
+    from bluesky_analysis_store._local_server import SERVED_ENV
+
+    environment = {k: v for k, v in os.environ.items() if k != SERVED_ENV}
+    environment.update(extra)
+    return environment

@@ -518,7 +518,7 @@ READER_SCRIPT = textwrap.dedent(
         time.sleep(0.05)
     with open(uid_file) as f:
         raw_uid = f.read().strip()
-    store = AnalysisStore.open(folder)
+    store = AnalysisStore.open(folder, served=True)  # as a user's: the folder's server
     result = {"raw_uid": raw_uid, "seen": 0, "child_stopped": None, "errors": []}
     while time.monotonic() < deadline:
         try:

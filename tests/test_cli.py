@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from bluesky_analysis_store import DATA_ROOT_ENV, STORE_ENV
+from bluesky_analysis_store._local_server import SERVED_ENV
 from bluesky_analysis_store.cli import main
 
 PROG = "bluesky-analysis-store"
@@ -64,11 +65,15 @@ def _environment(cwd: Path, env: dict[str, str] | None) -> dict[str, str]:
 def run_cli_process(
     *args: str | os.PathLike[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """The command, with ``args``, in a subprocess whose store setting is only ``env``'s."""
+    """The command, with ``args``, in a subprocess whose store setting is only ``env``'s.
+    Its stores are served as a user's are (the suite's in-process default is dropped)."""
+    environment = _environment(cwd, env)
+    if SERVED_ENV not in (env or {}):
+        environment.pop(SERVED_ENV, None)
     return subprocess.run(
         [sys.executable, "-m", "bluesky_analysis_store", *map(str, args)],
         cwd=cwd,
-        env=_environment(cwd, env),
+        env=environment,
         capture_output=True,
         text=True,
         check=False,
@@ -765,7 +770,7 @@ def test_quiet_tiled_hides_the_banner_and_the_httpx_notice_only(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_opening_a_store_prints_nothing(tmp_path: Path) -> None:
-    from bluesky_analysis_store._local_server import IDLE_ENV, SERVED_ENV
+    from bluesky_analysis_store._local_server import IDLE_ENV
 
     # Served by a local server process (a user's default): the client imports no server
     # code. The server it starts exits once idle for a few seconds.
@@ -776,7 +781,6 @@ def test_opening_a_store_prints_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_opening_a_store_served_in_process_prints_nothing(tmp_path: Path) -> None:
-    from bluesky_analysis_store._local_server import SERVED_ENV
 
     result = _python(_OPEN_QUIETLY, tmp_path / "in-process", env={SERVED_ENV: "0"})
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

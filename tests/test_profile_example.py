@@ -4,11 +4,12 @@ value against the motor live and prints one summary line per scan."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from _helpers import users_environment
 
 PROFILE = Path(__file__).parents[1] / "profile_examples" / "profile_analysis"
 
@@ -35,7 +36,7 @@ def test_profile_reduces_a_scan_live(tmp_path):
     ipython = Path(sys.executable).with_name("ipython")
     # A copy, so that IPython's history and logs stay out of the checkout.
     profile = shutil.copytree(PROFILE / "startup", tmp_path / "profile" / "startup").parent
-    env = {**os.environ, "BLUESKY_ANALYSIS_STORE": str(tmp_path / "store"), "MPLBACKEND": "Agg"}
+    env = users_environment(BLUESKY_ANALYSIS_STORE=str(tmp_path / "store"), MPLBACKEND="Agg")
     result = subprocess.run(
         [str(ipython), f"--profile-dir={profile}", "--no-banner", "-c", SESSION],
         capture_output=True,

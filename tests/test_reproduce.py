@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _helpers import users_environment  # noqa: E402
 from _live import dark_then_positions  # noqa: E402
 from _offline_reducers import ingest_table  # noqa: E402
 from bluesky import RunEngine  # noqa: E402
@@ -350,7 +350,7 @@ def run_session(args: list[str], cwd: pathlib.Path, **env: str) -> list[str]:
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **env},
+        env=users_environment(**env),
         timeout=240,
         check=False,
     )

@@ -18,6 +18,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 import pytest
+from _helpers import users_environment
 from _live import DocumentRecorder, children_of, eventually
 from _reducers_for_tests import scaled
 from bluesky.plans import count
@@ -119,6 +120,7 @@ def test_a_reducer_defined_in_a_script_runs_in_the_worker_without_rerunning_the_
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env=users_environment(),
     )
     assert result.returncode == 0, result.stderr
     raw_uid, worker_pid, value = result.stdout.split()
