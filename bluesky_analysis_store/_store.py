@@ -554,6 +554,26 @@ class AnalysisStore:
                 array = node
         return read_array(array, self.readable_roots, slice, files_here=self._files_here)
 
+    def read_stream(
+        self, uid: str, stream: str = "primary", keys: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """Every event's values of ``keys`` (default: every data key) of one stream of run
+        ``uid``, as numpy arrays by key; ``"seq_num"`` and ``"time"`` may be asked for too.
+
+        The same values as ``store[uid][stream][key].read()`` key by key, in fewer requests:
+        the stream's contents are listed once, its scalar columns are read together and
+        each array in one request (read from its file when it is local, as :meth:`read`).
+        :class:`RunNotFoundError` for an unknown run, KeyError for an unknown stream or key.
+        """
+        from ._stream_reading import StreamReader
+
+        run = self[uid]
+        if stream not in run:
+            raise KeyError(f"run {uid!r} has no stream {stream!r}; it has {sorted(run)}")
+        reader = StreamReader(run[stream], stream)
+        names = list(reader.keys() if keys is None else keys)
+        return dict(zip(names, reader.columns(*names), strict=True))
+
     def __contains__(self, uid: object) -> bool:
         return isinstance(uid, str) and uid in self.catalog
 

@@ -171,9 +171,8 @@ def reading_here() -> Iterator[None]:
 
 
 def columns(store: AnalysisStore, child_uid: str) -> dict[str, np.ndarray]:
-    primary = store[child_uid]["primary"]
     with reading_here():
-        return {key: np.asarray(primary[key].read()) for key in COLUMNS}
+        return store.read_stream(child_uid, keys=COLUMNS)
 
 
 def assert_same_children(
@@ -187,7 +186,7 @@ def assert_same_children(
     for raw_uid, child_uid in saved.items():
         got = columns(store, child_uid)
         with reading_here():
-            frames = np.asarray(source[raw_uid]["primary"]["cam"].read())
+            frames = source.read_stream(raw_uid, keys=["cam"])["cam"]
         np.testing.assert_array_equal(got["total"], frames.sum(axis=(1, 2), dtype=np.float64))
         np.testing.assert_array_equal(got["row_sums"], frames.sum(axis=2))
         np.testing.assert_array_equal(got["parent_seq_num"], [1, 2, 3])

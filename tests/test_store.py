@@ -144,6 +144,40 @@ def test_inline_arrays_are_saved_and_read_back(
     np.testing.assert_array_equal(run["primary"]["hkl"].read(), [[1, 1, 0], [1, 1, 1], [1, 1, 2]])
 
 
+def test_read_stream_gives_each_keys_values_in_fewer_requests(
+    shared_store: AnalysisStore, reader: AnalysisStore
+) -> None:
+    frames = make_frames("uint16", (4, 5))
+    uid = shared_store.save(
+        [{"primary": {"total": float(f.sum()), "img": f, "hkl": np.array([1, n])}}
+         for n, f in enumerate(frames)],
+        {}, {"img": "HDF5"}, **PROVENANCE,
+    )  # fmt: skip
+    requests: list[str] = []
+    hooks = reader.client.context.http_client.event_hooks
+    hooks["request"].append(lambda request: requests.append(str(request.url)))
+    try:
+        read = reader.read_stream(uid)
+        at_once = len(requests)
+        primary = reader[uid]["primary"]
+        one_by_one = {key: primary[key].read() for key in ("total", "img", "hkl")}
+    finally:
+        hooks["request"].pop()
+    assert list(read) == ["total", "hkl", "img"]  # the table's columns, then the arrays
+    for key, values in one_by_one.items():
+        assert_same_array(read[key], values, key)
+    assert_same_array(read["img"], np.stack(frames))
+    assert at_once < len(requests) - at_once, requests
+    asked = reader.read_stream(uid, keys=["seq_num", "total"])
+    np.testing.assert_array_equal(asked["seq_num"], [1, 2, 3])
+    with pytest.raises(KeyError, match="no key 'nope'.*'total'"):
+        reader.read_stream(uid, keys=["nope"])
+    with pytest.raises(KeyError, match="no stream 'baseline'"):
+        reader.read_stream(uid, stream="baseline")
+    with pytest.raises(RunNotFoundError):
+        reader.read_stream(str(uuid.uuid4()))
+
+
 def test_the_store_as_a_document_callback(
     shared_store: AnalysisStore, reader: AnalysisStore
 ) -> None:
