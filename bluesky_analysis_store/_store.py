@@ -22,6 +22,7 @@ from ._errors import AnalysisStoreError, RunNotFoundError
 from ._pending_writes import PendingWrites, writer_importable_now
 from ._provenance import check_parents, code_identity
 from ._trust import claims_derivation
+from ._versions import PIN_KEY, mark_current, pin_record, pin_time, reducer_of
 
 __all__ = ["STORE_ENV", "AnalysisStore", "ChildRun", "default_store_location"]
 
@@ -134,6 +135,13 @@ class ChildRun(str):
     faultless reduction. ``verified`` is whether this package wrote it (its node carries
     the package's seal, matching its start; see :meth:`AnalysisStore.children`), and
     ``identity`` the code identity that decides "already reduced" (:func:`code_identity`).
+
+    ``reducer`` names the code that made it (``module:qualname`` of each code record,
+    without versions): children of one parent with the same reducer are versions of one
+    result. ``pinned_at`` is when a user pinned it (:meth:`AnalysisStore.pin`; None if not
+    pinned), and ``current`` whether it is its reducer's current result for the parent it
+    was listed for (the most recently pinned, else the newest that succeeded; see
+    :meth:`AnalysisStore.children`).
     """
 
     time: float
@@ -145,6 +153,9 @@ class ChildRun(str):
     reason: str | None
     events_reduced: int | None
     events_failed: int | None
+    reducer: tuple[str, ...]
+    pinned_at: float | None
+    current: bool
 
     @classmethod
     def from_start(
@@ -154,10 +165,14 @@ class ChildRun(str):
         stop: Mapping[str, Any] | None = None,
         *,
         verified: bool = False,
+        pinned_at: float | None = None,
     ) -> ChildRun:
         child = cls(uid)
         child.time = float(start.get("time", 0.0))
         child.verified = verified
+        child.reducer = reducer_of(start)
+        child.pinned_at = pinned_at
+        child.current = False
         code = (start.get("provenance") or {}).get("code") or []
         child.code = [{"name": c.get("name"), "version": c.get("version")} for c in code]
         child.identity = code_identity(code)
@@ -206,9 +221,11 @@ class ChildRun(str):
         return bool(self.events_failed) and not self.events_reduced
 
     def __repr__(self) -> str:
+        marks = ", current=True" if self.current else ""
+        marks += ", pinned=True" if self.pinned_at is not None else ""
         return (
             f"ChildRun({str(self)!r}, code={self.code_versions!r}, status={self.status!r}, "
-            f"verified={self.verified!r})"
+            f"verified={self.verified!r}{marks})"
         )
 
 
@@ -586,10 +603,17 @@ class AnalysisStore:
         """Runs matching a tiled query (``tiled.queries``)."""
         return self.client.search(query)
 
-    def children(self, parent_uid: str, *, unverified: bool = False) -> list[ChildRun]:
+    def children(
+        self, parent_uid: str, *, unverified: bool = False, current: bool = False
+    ) -> list[ChildRun]:
         """The runs derived from ``parent_uid``, newest first: their uids, each carrying the
         start time, the code (names and versions) that made it and how it ended
         (:class:`ChildRun`). Incomplete children (no stop document) are listed too.
+
+        Children made by the same reducer (the same code names, whatever their versions and
+        parameters) are versions of one result: in each such group the one a user pinned
+        most recently (:meth:`pin`), else the newest that succeeded, is marked ``current``.
+        ``current=True`` lists only those, one per reducer.
 
         Only runs this package wrote are listed: those whose node carries its seal, which
         matches their start document (:attr:`ChildRun.verified`). ``unverified=True`` adds
@@ -599,7 +623,66 @@ class AnalysisStore:
         ``parent_uid`` may be the first characters of a uid (at least 5), of a run of this
         store or of a parent its runs name; :class:`RunNotFoundError` if it is neither.
         """
-        return self._children_of(self.resolve_parent_uid(parent_uid), unverified=unverified)
+        children = self._children_of(self.resolve_parent_uid(parent_uid), unverified=unverified)
+        mark_current(children)
+        return [c for c in children if c.current] if current else children
+
+    def pin(self, child_uid: str) -> ChildRun:
+        """Make ``child_uid`` (a uid, or its first characters) the current result of its
+        reducer for each of its parents, whatever newer children there are; returns it.
+
+        The pin is written into the catalog, in the child's node metadata: every client of
+        the store sees it. The child must be a complete derived run this package wrote
+        (:class:`AnalysisStoreError` otherwise). Pinning another child of the same reducer
+        later makes that one current; :meth:`unpin` takes a pin away."""
+        import time
+
+        uid, node = self._derived_node(child_uid)
+        node.update_metadata({PIN_KEY: pin_record(time.time())})
+        return self._child_from(uid, node.metadata, verified=True)
+
+    def unpin(self, child_uid: str) -> ChildRun:
+        """Take away the pin of ``child_uid``: the newest child of its reducer that
+        succeeded is current again (unless another one is pinned). Returns it."""
+        uid, node = self._derived_node(child_uid)
+        metadata = dict(node.metadata)
+        if PIN_KEY in metadata:
+            del metadata[PIN_KEY]
+            node.replace_metadata(metadata)
+        return self._child_from(uid, node.metadata, verified=True)
+
+    def _derived_node(self, text: str) -> tuple[str, Any]:
+        """The uid and plain node of a complete, sealed derived run of this store."""
+        from ._trust import is_sealed
+
+        uid = self.resolve_parent_uid(text)
+        if uid not in self.catalog:
+            raise RunNotFoundError(f"no run {text!r} in the analysis store")
+        node = self.catalog.new_variation()[uid]
+        metadata = node.metadata
+        start = metadata.get("start") or {}
+        if not claims_derivation(start):
+            raise AnalysisStoreError(f"run {uid} is not a derived run; only a child can be pinned")
+        if not is_sealed(metadata):
+            raise AnalysisStoreError(
+                f"run {uid} was not written by bluesky-analysis-store (it has no valid seal); "
+                "only a child this package wrote can be a current result"
+            )
+        if not metadata.get("stop"):
+            raise AnalysisStoreError(
+                f"run {uid} is incomplete (no stop document); only a complete child can be pinned"
+            )
+        return uid, node
+
+    @staticmethod
+    def _child_from(uid: str, node_metadata: Mapping[str, Any], verified: bool) -> ChildRun:
+        return ChildRun.from_start(
+            uid,
+            node_metadata.get("start") or {},
+            node_metadata.get("stop"),
+            verified=verified,
+            pinned_at=pin_time(node_metadata),
+        )
 
     def resolve_parent_uid(self, text: str) -> str:
         """The full uid that ``text`` (a uid, or its first characters) names: a run of this
@@ -657,9 +740,7 @@ class AnalysisStore:
                 continue
             verified = is_sealed(node_metadata)
             if verified or unverified:
-                children.append(
-                    ChildRun.from_start(uid, start, node_metadata.get("stop"), verified=verified)
-                )
+                children.append(self._child_from(uid, node_metadata, verified))
         return sorted(children, key=lambda child: child.time, reverse=True)
 
     def __repr__(self) -> str:

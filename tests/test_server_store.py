@@ -146,3 +146,18 @@ def test_a_live_callback_saves_through_the_server_from_its_worker_process(
     np.testing.assert_allclose(
         child["primary"]["total"].read(), [10.0 * det.read()["det"]["value"]] * 4
     )
+
+
+def test_a_pin_is_kept_by_the_server_for_every_client(
+    server: TiledServer, store: AnalysisStore
+) -> None:
+    parent = {"uid": str(uuid.uuid4()), "time": 0.0}
+    older, newer = (
+        store.save([{"primary": {"y": float(n)}}], {}, parents=[parent], code=np.mean)
+        for n in range(2)
+    )
+    assert list(fresh_reader(server).children(parent["uid"], current=True)) == [newer]
+    store.pin(older)
+    assert list(fresh_reader(server).children(parent["uid"], current=True)) == [older]
+    store.unpin(older)
+    assert list(fresh_reader(server).children(parent["uid"], current=True)) == [newer]

@@ -119,13 +119,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     # Plain nodes: listing runs needs their metadata only, not bluesky-tiled-plugins' run
     # client (a second or two to import).
     client = store.catalog
+    if args.current and not args.children:
+        raise CommandError("--current lists the current results of one run: add --children RAW_UID")
     if args.children:
         with _about("--children"):
             parent_uid = find_parent_uid(store, args.children)
-        uids = store.children(parent_uid)
+        children = store.children(parent_uid, current=args.current)
         if args.limit:
-            uids = uids[: args.limit]
-        summaries = [run_summary(uid, client[uid]) for uid in uids]
+            children = children[: args.limit]
+        summaries = [run_summary(child, client[child], current=child.current) for child in children]
     else:
         newest_first = client.sort(("start.time", -1)).items()
         items = newest_first[: args.limit] if args.limit else list(newest_first)
@@ -140,6 +142,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         for summary in summaries:
             print(summary_text(summary))
+    return EXIT_OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    with _about("CHILD_UID"):
+        child = store.unpin(args.uid) if args.clear else store.pin(args.uid)
+    reducer = ", ".join(child.reducer) or "(no code)"
+    parents = ", ".join(store[child].start.get("parent_uids") or []) if not args.clear else ""
+    if args.clear:
+        print(
+            f"{child}  unpinned; the current {reducer} result is the one pinned most recently, "
+            "else the newest that succeeded"
+        )
+    else:
+        print(f"{child}  pinned: the current {reducer} result of {parents}")
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from ._commands import (
     cmd_demo,
     cmd_ingest,
     cmd_ls,
+    cmd_pin,
     cmd_plot,
     cmd_recover,
     cmd_reprocess,
@@ -84,7 +85,13 @@ example:
 examples:
   bluesky-analysis-store ls --limit 5
   bluesky-analysis-store ls --children c6041c47
+  bluesky-analysis-store ls --children c6041c47 --current
   bluesky-analysis-store --store http://tiled.example:8000/analysis ls --json""",
+    "pin": """\
+examples:
+  bluesky-analysis-store ls --children c6041c47
+  bluesky-analysis-store pin 013f38df
+  bluesky-analysis-store pin 013f38df --clear""",
     "show": """\
 examples:
   bluesky-analysis-store show 013f38df
@@ -209,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = add(
         "ls",
-        "list recent runs, newest first (or the derived runs of one raw run): uid, start "
-        "time, raw or derived, and the plan name of a raw run or the code (with its version) "
-        "and parents of a derived one",
+        "list recent runs, newest first (or the derived runs of one raw run, marking the "
+        "current result of each reducer): uid, start time, raw or derived, and the plan name "
+        "of a raw run or the code (with its version) and parents of a derived one",
         cmd_ls,
     )
     ls.add_argument(
@@ -226,7 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LIMIT,
         help=f"show at most N runs; 0 for all (default: {DEFAULT_LIMIT})",
     )
+    ls.add_argument(
+        "--current",
+        action="store_true",
+        help="with --children: only the current result of each reducer (the most recently "
+        "pinned, else the newest that succeeded)",
+    )
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    pin = add(
+        "pin",
+        "make a derived run the current result of its reducer for its parents, whatever newer "
+        "runs the same code (or another version of it) made; the pin is kept in the store's "
+        "catalog, for every user of the store (`ls --children` marks current and pinned runs)",
+        cmd_pin,
+    )
+    pin.add_argument(
+        "uid", metavar="CHILD_UID", help="the derived run's uid, or its first 8+ characters"
+    )
+    pin.add_argument(
+        "--clear",
+        action="store_true",
+        help="take the pin away: the newest run that succeeded is current again",
+    )
 
     show = add(
         "show",

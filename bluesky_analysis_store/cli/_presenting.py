@@ -15,6 +15,7 @@ from typing import Any
 
 from .._replay import start_document, stop_document, stream_lengths
 from .._store import ChildRun
+from .._versions import pin_time
 from ._exits import command_line_text, error_text
 from ._opening import MIN_UID_PREFIX
 
@@ -112,12 +113,14 @@ def _status(uid: str, start: Mapping[str, Any], stop: Mapping[str, Any] | None) 
     return child.status
 
 
-def run_summary(uid: str, run: Any) -> dict[str, Any]:
+def run_summary(uid: str, run: Any, *, current: bool | None = None) -> dict[str, Any]:
     """One run in a line of ``ls``: when, raw or derived, what made it, how it ended.
 
     ``status`` says how it ended; a run without a stop document is ``incomplete (no
     stop)``, with ``exit_status`` None and ``events_saved``, the events saved so far, per
-    stream.
+    stream. ``pinned`` says whether a user pinned it as its reducer's current result;
+    ``current`` whether it is that result (None where the listing did not work it out:
+    that is a question about the children of one parent).
     """
     start = start_document(run)
     stop = stop_document(run)
@@ -136,6 +139,8 @@ def run_summary(uid: str, run: Any) -> dict[str, Any]:
         "failed": _child(uid, start, stop).all_failed,
         "exit_status": stop.get("exit_status") if stop else None,
         "num_events": dict(stop.get("num_events") or {}) if stop else {},
+        "pinned": pin_time(run.metadata or {}) is not None,
+        "current": current,
     }
     if stop is None:
         summary["events_saved"] = stream_lengths(run)
@@ -169,6 +174,10 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         status += f", {saved} event{'s' if saved != 1 else ''} saved"
     if status != "success":
         what += f" [{status}]"
+    marks = ["current"] if summary.get("current") else []
+    marks += ["pinned"] if summary.get("pinned") else []
+    if marks:
+        what += f"  ({', '.join(marks)})"
     return f"{summary['uid']}  {_format_time(summary['time'])}  {summary['kind']:<7}  {what}"
 
 
