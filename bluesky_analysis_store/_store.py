@@ -627,6 +627,14 @@ class AnalysisStore:
         mark_current(children)
         return [c for c in children if c.current] if current else children
 
+    def lineage(self, uid: str, *, max_depth: int = 20) -> Any:
+        """Where run ``uid`` came from, back to the raw data, and every run derived from it,
+        down to the grandchildren and beyond (a :class:`~bluesky_analysis_store._lineage.
+        Lineage`: ``ancestry`` and ``descent`` trees of runs, each with its ``links``)."""
+        from ._lineage import lineage
+
+        return lineage(self, uid, max_depth=max_depth)
+
     def pin(self, child_uid: str) -> ChildRun:
         """Make ``child_uid`` (a uid, or its first characters) the current result of its
         reducer for each of its parents, whatever newer children there are; returns it.

@@ -30,6 +30,8 @@ from ._opening import (
     store_location,
 )
 from ._presenting import (
+    lineage_lines,
+    lineage_record,
     print_json,
     print_show,
     reprocess_lines,
@@ -142,6 +144,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         for summary in summaries:
             print(summary_text(summary))
+    return EXIT_OK
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    with _about("UID"):
+        found = store.lineage(args.uid, max_depth=args.depth)
+    if args.json:
+        print_json(
+            {
+                "uid": found.uid,
+                "parents": lineage_record(found.ancestry)["links"],
+                "children": lineage_record(found.descent)["links"],
+            }
+        )
+    else:
+        print("# where it came from (<- its parents)")
+        for line in lineage_lines(found.ancestry, "<-"):
+            print(line)
+        if not found.ancestry.links and found.ancestry.run is not None:
+            print("   (no parents: raw data, or saved without them)")
+        print("# what was derived from it (-> its children)")
+        for line in lineage_lines(found.descent, "->"):
+            print(line)
+        if not found.descent.links:
+            print("   (no run derived from it in this store)")
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from ._argument_types import (
 from ._commands import (
     cmd_demo,
     cmd_ingest,
+    cmd_lineage,
     cmd_ls,
     cmd_pin,
     cmd_plot,
@@ -87,6 +88,10 @@ examples:
   bluesky-analysis-store ls --children c6041c47
   bluesky-analysis-store ls --children c6041c47 --current
   bluesky-analysis-store --store http://tiled.example:8000/analysis ls --json""",
+    "lineage": """\
+examples:
+  bluesky-analysis-store lineage 013f38df
+  bluesky-analysis-store lineage c6041c47 --json""",
     "pin": """\
 examples:
   bluesky-analysis-store ls --children c6041c47
@@ -240,6 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
         "pinned, else the newest that succeeded)",
     )
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    lineage = add(
+        "lineage",
+        "show where a run came from, back to the raw data (its parents, theirs, ...), and "
+        "what was derived from it (its children, grandchildren, ..., each marked current "
+        "among its reducer's versions); a parent in another catalog is shown as not in this "
+        "store",
+        cmd_lineage,
+    )
+    lineage.add_argument("uid", metavar="UID", help="the run's uid, or its first 8+ characters")
+    lineage.add_argument(
+        "--depth",
+        metavar="N",
+        type=positive_int,
+        default=20,
+        help="follow at most N generations each way (default: 20)",
+    )
+    lineage.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of text"
+    )
 
     pin = add(
         "pin",

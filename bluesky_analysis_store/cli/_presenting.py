@@ -181,6 +181,36 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     return f"{summary['uid']}  {_format_time(summary['time'])}  {summary['kind']:<7}  {what}"
 
 
+def lineage_record(node: Any) -> dict[str, Any]:
+    """A lineage tree (:class:`LineageNode`) as JSON: each run's :func:`run_summary`
+    (None for a run not in this store), and its ``links`` one generation further."""
+    return {
+        "uid": node.uid,
+        "summary": run_summary(node.uid, node.run, current=node.current) if node.run else None,
+        "seen": node.seen,
+        "truncated": node.truncated,
+        "links": [lineage_record(link) for link in node.links],
+    }
+
+
+def lineage_lines(node: Any, arrow: str, depth: int = 0) -> list[str]:
+    """A lineage tree as indented ``ls`` lines, ``arrow`` before each run of a later
+    generation."""
+    lead = "   " * (depth - 1) + f"{arrow} " if depth else ""
+    if node.run is None:
+        text = f"{node.uid}  (not in this store)"
+    else:
+        text = summary_text(run_summary(node.uid, node.run, current=node.current))
+    if node.seen:
+        text += "  (listed above)"
+    lines = [lead + text]
+    if node.truncated:
+        lines.append("   " * depth + f"{arrow} ... (more generations: raise --depth)")
+    for link in node.links:
+        lines += lineage_lines(link, arrow, depth + 1)
+    return lines
+
+
 def data_keys(node: Any) -> list[str]:
     """The data keys of a stream, without its event numbers and timestamps."""
     keys = list(node)
