@@ -198,6 +198,11 @@ def _write_stop(store: Any, writer: Any, uid: str, counts: Counts, stop: dict[st
         raise DeliveryError(f"child run {uid} read back differs from its journal: {mismatch}")
     writer("stop", stop, close_streams=False)
     writer.close_streams()
+    # The run is whole and checked: its provenance goes into tiled's graph too (best effort:
+    # the start document keeps the same facts).
+    from ._provenance_graph import write_provenance_links
+
+    write_provenance_links(store.catalog, uid, store.catalog[uid].metadata.get("start") or {})
 
 
 # --- the live delivery thread -------------------------------------------------------------

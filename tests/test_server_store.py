@@ -161,3 +161,15 @@ def test_a_pin_is_kept_by_the_server_for_every_client(
     assert list(fresh_reader(server).children(parent["uid"], current=True)) == [older]
     store.unpin(older)
     assert list(fresh_reader(server).children(parent["uid"], current=True)) == [newer]
+
+
+def test_a_child_saved_through_the_server_gets_its_prov_links(
+    server: TiledServer, store: AnalysisStore, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_provenance_graph import assert_child_links, save_linked_child
+
+    data_folder = Path(server.assets) / f"inputs-{uuid.uuid4()}"
+    data_folder.mkdir()
+    raw, child, data = save_linked_child(store, data_folder)
+    assert_child_links(fresh_reader(server), raw, child, data)
