@@ -173,6 +173,22 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .._export import export_nexus, export_ro_crate
+
+    store = open_store(args)
+    output = os.path.expanduser(os.path.expandvars(args.output))
+    with _about("UID"):
+        uid = store.resolve_parent_uid(args.uid)
+    with _about("--output", FileExistsError):
+        if args.format == "ro-crate":
+            written = export_ro_crate(store, uid, output)
+        else:
+            written = export_nexus(store, uid, output)
+    print(f"exported {uid} as {args.format}: {written}")
+    return EXIT_OK
+
+
 def cmd_pin(args: argparse.Namespace) -> int:
     store = open_store(args)
     with _about("CHILD_UID"):

@@ -16,6 +16,7 @@ from ._argument_types import (
 )
 from ._commands import (
     cmd_demo,
+    cmd_export,
     cmd_ingest,
     cmd_lineage,
     cmd_ls,
@@ -88,6 +89,10 @@ examples:
   bluesky-analysis-store ls --children c6041c47
   bluesky-analysis-store ls --children c6041c47 --current
   bluesky-analysis-store --store http://tiled.example:8000/analysis ls --json""",
+    "export": """\
+examples:
+  bluesky-analysis-store export 013f38df --format ro-crate -o crate-013f38df/
+  bluesky-analysis-store export 013f38df --format nexus -o 013f38df.nxs""",
     "lineage": """\
 examples:
   bluesky-analysis-store lineage 013f38df
@@ -245,6 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
         "pinned, else the newest that succeeded)",
     )
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    export = add(
+        "export",
+        "write a derived run, its data and its provenance (parents, input files with sha256, "
+        "code, versions and parameters), as a Workflow Run RO-Crate (a folder with "
+        "ro-crate-metadata.json and one STREAM.npz per stream) or a NeXus file (NXentry with "
+        "an NXdata group per stream and an NXprocess group)",
+        cmd_export,
+    )
+    export.add_argument("uid", metavar="UID", help="the run's uid, or its first 8+ characters")
+    export.add_argument(
+        "--format", choices=("ro-crate", "nexus"), required=True, help="the form to write"
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        required=True,
+        help="the crate's folder (made; it must not hold a crate) or the NeXus file (not "
+        "overwritten)",
+    )
 
     lineage = add(
         "lineage",
