@@ -642,7 +642,9 @@ class AnalysisStore:
         The pin is written into the catalog, in the child's node metadata: every client of
         the store sees it. The child must be a complete derived run this package wrote
         (:class:`AnalysisStoreError` otherwise). Pinning another child of the same reducer
-        later makes that one current; :meth:`unpin` takes a pin away."""
+        later makes that one current; :meth:`unpin` takes a pin away. The child returned
+        carries its ``pinned_at``; which child is ``current`` is worked out by
+        :meth:`children`, for each parent."""
         import time
 
         uid, node = self._derived_node(child_uid)
