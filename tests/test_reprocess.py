@@ -91,10 +91,10 @@ def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor
         live_keys = live[stream].descriptors[0]["data_keys"]
         offline_keys = offline[stream].descriptors[0]["data_keys"]
         assert live_keys == offline_keys
+        live_columns = store.read_stream(live_uid, stream, keys)
+        offline_columns = store.read_stream(offline_uid, stream, keys)
         for key in keys:
-            assert_same_array(
-                live[stream][key].read(), offline[stream][key].read(), f"{stream}/{key}"
-            )
+            assert_same_array(live_columns[key], offline_columns[key], f"{stream}/{key}")
     files = (("primary", "normalised"), ("primary", "corrected"), ("primary", "row_sums"),
              ("summary", "summed"))
     for stream, key in files:
@@ -146,7 +146,7 @@ def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
     assert set(reduced_before) == set(raw_uids[:3])
     assert all(len(kids) <= 1 for kids in earlier.values())
     saved_before = {
-        uid: (store[child]["primary"]["total"].read(), store[child]["primary"]["normalised"].read())
+        uid: store.read_stream(child, keys=["total", "normalised"])
         for uid, child in reduced_before.items()
     }
     runs_before = len(store)
@@ -179,11 +179,9 @@ def test_a_corrupt_run_fails_alone_and_nothing_saved_before_is_lost(
     # What was saved before the batch is still there and reads back the same.
     for uid, child_uid in reduced_before.items():
         assert child_uid in later[uid]
-        total, normalised = saved_before[uid]
-        assert_same_array(store[child_uid]["primary"]["total"].read(), total, "total")
-        assert_same_array(
-            store[child_uid]["primary"]["normalised"].read(), normalised, "normalised"
-        )
+        now = store.read_stream(child_uid, keys=["total", "normalised"])
+        for key in ("total", "normalised"):
+            assert_same_array(now[key], saved_before[uid][key], key)
     assert files_of(store, reduced_before[corrupt_uid])
 
 
