@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._replay import start_document
+from ._versions import mark_current
 
 if TYPE_CHECKING:
     from ._store import AnalysisStore
@@ -84,7 +85,9 @@ def lineage(store: AnalysisStore, uid: str, *, max_depth: int = DEFAULT_MAX_DEPT
         node = LineageNode(run_uid, run)
         if not _first_visit(node, seen):
             return node
-        children = store.children(run_uid) if run is not None or depth == 0 else []
+        # Exact uids here (resolved once, above): no lookup of each as a prefix again.
+        children = store._children_of(run_uid) if run is not None or depth == 0 else []
+        mark_current(children)
         if children and depth >= max_depth:
             node.truncated = True
             return node

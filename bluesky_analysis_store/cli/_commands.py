@@ -194,7 +194,9 @@ def cmd_pin(args: argparse.Namespace) -> int:
     with _about("CHILD_UID"):
         child = store.unpin(args.uid) if args.clear else store.pin(args.uid)
     reducer = ", ".join(child.reducer) or "(no code)"
-    parents = ", ".join(store[child].start.get("parent_uids") or []) if not args.clear else ""
+    # The plain node's metadata: the run client (bluesky-tiled-plugins) takes a second to import.
+    start = store.catalog[child].metadata.get("start") or {}
+    parents = ", ".join(start.get("parent_uids") or [])
     if args.clear:
         print(
             f"{child}  unpinned; the current {reducer} result is the one pinned most recently, "
