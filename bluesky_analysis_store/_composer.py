@@ -24,14 +24,13 @@ from event_model import DocumentNames, schema_validators
 
 from ._confinement import check_readable
 from ._data_keys import (
+    TABLE_SPEC,
     check_data_key,
     check_storable,
     check_stream_keys,
     check_stream_name,
     conform_value,
-    describe_value,
     merge_data_key,
-    normalise_value,
 )
 from ._errors import (
     AnalysisStoreError,
@@ -41,6 +40,15 @@ from ._errors import (
     MetadataError,
 )
 from ._provenance import make_provenance
+from ._table_values import (
+    conform_ragged,
+    conform_table,
+    describe_event_value,
+    describe_ragged,
+    is_ragged_key,
+    is_table_key,
+    normalise_event_value,
+)
 from ._writer_specs import PlannedFile, WriterSpec, ensure_writable_root, resolve_writers
 
 __all__ = ["AssetDocuments", "RunComposer", "compose_documents"]
@@ -177,7 +185,10 @@ class RunComposer:
     keys named in ``writers`` are written through their writer and referenced from the
     events (``stream_resource``/``stream_datum`` or ``resource``/``datum``); so are numeric
     arrays when ``array_writer`` is given, except ``inline_keys``. Every other key goes
-    inline. ``close`` (or ``stop``) releases the writers.
+    inline. Tables (DataFrames, mappings of columns) and keys whose writer is the Parquet
+    format (variable-length arrays) are written through that format, by ``table_writer``
+    unless ``writers`` names another root for them. ``close`` (or ``stop``) releases the
+    writers.
     """
 
     def __init__(
@@ -191,6 +202,7 @@ class RunComposer:
         validate: bool = True,
         array_writer: WriterSpec | None = None,
         inline_keys: Iterable[str] = (),
+        table_writer: WriterSpec | None = None,
     ) -> None:
         if asset_documents not in ("stream", "resource"):
             raise AnalysisStoreError(
@@ -198,6 +210,7 @@ class RunComposer:
             )
         self._writers = dict(writers or {})
         self._array_writer = array_writer
+        self._table_writer = table_writer
         self._inline_keys = frozenset(inline_keys)
         self._asset_documents = asset_documents
         self._validate = validate
@@ -237,10 +250,24 @@ class RunComposer:
         described = {}
         writers = dict(self._writers)  # taken on only once every key is accepted
         for key, data_key in data_keys.items():
-            described[check_data_key(key)] = dict(data_key)
+            described[check_data_key(key)] = data_key = dict(data_key)
             if self._writes_by_default(key, data_key):
                 writers[key] = self._array_writer
             spec = writers.get(key)
+            if (
+                is_table_key(data_key)
+                or is_ragged_key(data_key)
+                or (spec is not None and spec.spec == TABLE_SPEC)
+            ):
+                if spec is None:
+                    spec = writers[key] = self._table_spec(key)
+                if not is_table_key(data_key):  # a Parquet key of arrays: of any length
+                    if len(data_key.get("shape") or ()) != 1:
+                        raise DataValueError(
+                            f"{key!r} is written as Parquet, which holds tables and 1-D "
+                            f"arrays of any length, not values of shape {data_key.get('shape')}"
+                        )
+                    data_key["shape"] = [None]
             check_storable(key, data_key, to_file=spec is not None, spec=spec and spec.spec)
             if key in writers:
                 described[key]["external"] = (
@@ -253,6 +280,14 @@ class RunComposer:
         self._streams[stream] = _Stream(bundle, described)
         return [("descriptor", bundle.descriptor_doc)]
 
+    def _table_spec(self, key: str) -> WriterSpec:
+        if self._table_writer is None:
+            raise DataValueError(
+                f"{key!r} is a table or a variable-length array, which is written to files: "
+                "give the run a writer root"
+            )
+        return self._table_writer
+
     def event(
         self,
         stream: str,
@@ -264,11 +299,13 @@ class RunComposer:
         """Write the file-backed values of one event and return its documents."""
         if self._stopped:
             raise AnalysisStoreError("the run is already stopped")
-        values = {check_data_key(k): normalise_value(k, v) for k, v in data.items()}
+        values = {check_data_key(k): normalise_event_value(k, v) for k, v in data.items()}
         docs = list(self._unsent)
         known = self._streams.get(stream)
         if known is None:
-            docs += self.declare_stream(stream, {k: describe_value(v) for k, v in values.items()})
+            docs += self.declare_stream(
+                stream, {k: describe_event_value(k, v) for k, v in values.items()}
+            )
             known = self._streams[stream]
         else:
             values = self._check_against_descriptor(stream, known, values)
@@ -277,7 +314,7 @@ class RunComposer:
         event_data: dict[str, Any] = {}
         filled: dict[str, bool] = {}
         seq_num = self._bundle.compose_stop.event_counters.get(stream, 1)
-        written = self._write_files(stream, known, values, docs)
+        written = self._write_files(stream, known, values, docs, seq_num)
         for key, value in values.items():
             if key not in self._writers:
                 event_data[key] = value
@@ -337,7 +374,12 @@ class RunComposer:
             known.file_keys.clear()
 
     def _write_files(
-        self, stream: str, known: _Stream, values: Mapping[str, Any], docs: list[Document]
+        self,
+        stream: str,
+        known: _Stream,
+        values: Mapping[str, Any],
+        docs: list[Document],
+        seq_num: int,
     ) -> dict[str, tuple[_FileKey, dict[str, Any]]]:
         """Write the file-backed values of one event: all of them, or none.
 
@@ -353,6 +395,15 @@ class RunComposer:
                     file_key = known.file_keys.get(key) or self._open_file_key(
                         stream, known, key, docs
                     )
+                    if self._writers[key].spec == TABLE_SPEC:
+                        # Its files give each row the event's seq_num: frame n is event n+1.
+                        if file_key.index + 1 != seq_num:
+                            raise AnalysisStoreError(
+                                f"{key!r} of stream {stream!r} is out of step with its "
+                                f"events (frame {file_key.index}, seq_num {seq_num})"
+                            )
+                        written[key] = (file_key, file_key.writer(value))
+                        continue
                     written[key] = (file_key, file_key.writer(np.asarray(value)))
         except Exception as error:
             self._unsent = docs  # descriptors and resources only: no datum is made yet
@@ -374,6 +425,8 @@ class RunComposer:
             self._array_writer is not None
             and key not in self._writers
             and key not in self._inline_keys
+            and not is_table_key(data_key)
+            and None not in data_key["shape"]
             and bool(data_key["shape"])
             and np.dtype(data_key.get("dtype_numpy", "O")).kind in "biuf"
         )
@@ -389,7 +442,18 @@ class RunComposer:
             )
         for key, value in values.items():
             declared = known.data_keys[key]
-            new = describe_value(value)
+            if is_table_key(declared):
+                if not hasattr(value, "columns"):
+                    raise DataValueError(
+                        f"{key!r} in stream {stream!r} was declared a table; this value is "
+                        f"a {type(value).__name__}"
+                    )
+                values[key] = conform_table(key, value, declared)
+                continue
+            if is_ragged_key(declared):
+                values[key] = conform_ragged(key, value, declared)
+                continue
+            new = describe_event_value(key, value)
             if declared["shape"] == new["shape"] and declared["dtype_numpy"] == new["dtype_numpy"]:
                 continue
             merged = merge_data_key(key, declared, new, to_file=key in self._writers)
@@ -450,6 +514,8 @@ class RunComposer:
         planned = self._plan_file(stream, known, key)
         root = ensure_writable_root(planned.root)
         resource_path, resource_kwargs = planned.resource_path, dict(planned.resource_kwargs)
+        if spec.file_format is not None:
+            resource_kwargs.update(spec.file_format.key_resource_kwargs(key, known.data_keys[key]))
         full_path = planned.full_path
         writer = spec.writer(full_path, **resource_kwargs)
         if self._asset_documents == "stream":
@@ -527,10 +593,10 @@ def _plan_streams(
             keys = streams.setdefault(stream, {})
             values = event[stream] = {}
             for key, value in data.items():
-                values[key] = normalise_value(check_data_key(key), value)
-                described = describe_value(values[key])
+                values[key] = normalise_event_value(check_data_key(key), value)
+                described = describe_event_value(key, values[key])
                 keys[key] = (
-                    merge_data_key(key, keys[key], described, to_file=key in writers)
+                    _merge_planned(key, keys[key], described, writers.get(key))
                     if key in keys
                     else described
                 )
@@ -538,13 +604,49 @@ def _plan_streams(
     for keys in streams.values():
         for key, data_key in keys.items():
             spec = writers.get(key)
+            if is_table_key(data_key) or is_ragged_key(data_key):
+                continue  # checked value by value; written as Parquet
             check_storable(key, data_key, to_file=spec is not None, spec=spec and spec.spec)
     # Every value in the dtype its key settled on (refused if that would change it).
     for event in events:
         for stream, values in event.items():
             for key, value in values.items():
-                values[key] = conform_value(key, value, streams[stream][key])
+                declared = streams[stream][key]
+                if is_table_key(declared):
+                    values[key] = conform_table(key, value, declared)
+                elif is_ragged_key(declared):
+                    values[key] = conform_ragged(key, value, declared)
+                else:
+                    values[key] = conform_value(key, value, declared)
     return streams, events
+
+
+def _merge_planned(
+    key: str, known: Mapping[str, Any], new: Mapping[str, Any], spec: WriterSpec | None
+) -> dict[str, Any]:
+    """Widen ``known`` to admit ``new`` (see :func:`merge_data_key`). A key of 1-D arrays
+    whose length changes becomes variable-length (``shape`` ``[None]``), written as
+    Parquet, unless a writer of another format was asked for; a table stays a table."""
+    if is_table_key(known) or is_table_key(new):
+        if not (is_table_key(known) and is_table_key(new)):
+            raise DataValueError(f"{key!r} mixes tables and other values within a stream")
+        if [c[0] for c in known["dtype_numpy"]] != [c[0] for c in new["dtype_numpy"]]:
+            raise DataValueError(
+                f"table {key!r} changes its columns within a stream: "
+                f"{[c[0] for c in known['dtype_numpy']]} then {[c[0] for c in new['dtype_numpy']]}"
+            )
+        return dict(known)  # the dtypes of later tables are conformed to the first's
+    ragged_allowed = spec is None or spec.spec == TABLE_SPEC
+    shapes = (list(known["shape"]), list(new["shape"]))
+    if spec is not None and spec.spec == TABLE_SPEC and any(len(s) != 1 for s in shapes):
+        raise DataValueError(
+            f"{key!r} is written as Parquet, which holds tables and 1-D arrays of any length, "
+            f"not values of shape {tuple(new['shape'])}"
+        )
+    if ragged_allowed and all(len(shape) == 1 for shape in shapes) and shapes[0] != shapes[1]:
+        widened = merge_data_key(key, {**known, "shape": [0]}, {**new, "shape": [0]}, to_file=False)
+        return describe_ragged(np.empty(0, dtype=np.dtype(widened["dtype_numpy"])))
+    return merge_data_key(key, known, new, to_file=spec is not None)
 
 
 def compose_documents(
@@ -586,6 +688,7 @@ def compose_documents(
         {**metadata, "parent_uids": parent_uids, "provenance": provenance},
         writers,
         asset_documents=asset_documents,
+        table_writer=resolve_writers({"*": "PARQUET"}, root)["*"],
     )
     # Descriptors first (a resource func is given its stream's), then every file planned.
     descriptors = {

@@ -21,6 +21,7 @@ __all__ = [
     "FILE_DTYPE_KINDS",
     "INLINE_ARRAY_KINDS",
     "RESERVED_KEYS",
+    "TABLE_SPEC",
     "check_data_key",
     "check_storable",
     "check_stream_keys",
@@ -46,6 +47,11 @@ _MAX_STREAM_BYTES = 255
 # Column names of the tables that tiled stores events in (compared ignoring case).
 RESERVED_KEYS = frozenset({"time", "seq_num"})
 
+# The spec of the Parquet format, which holds tables and variable-length arrays.
+TABLE_SPEC = "BAS_PARQUET_TABLE"
+# The names tiled gives the tables of a stream's own rows (bluesky-tiled-plugins' TiledWriter
+# names them "internal", "internal_0"...): a key naming a node of its own may not take them.
+_STREAM_TABLE_NAME = re.compile(r"internal(_[0-9]+)?")
 # The largest integers the catalog's SQL columns hold.
 _INT64 = np.iinfo(np.int64)
 # numpy dtype kinds the store gives back from a zarr array (an inline array).
@@ -92,6 +98,11 @@ def check_data_key(key: Any) -> str:
             f"data key {key!r} is reserved (the store's tables have a column of that name, "
             "ignoring case); rename it"
         )
+    if _STREAM_TABLE_NAME.fullmatch(key.lower()):
+        raise DataKeyError(
+            f"data key {key!r} is reserved (the store names the tables of a stream's rows "
+            "so); rename it"
+        )
     if not _COLUMN_START.match(key):
         raise DataKeyError(
             f"data key {key!r} cannot name a column of the store's tables: start it with an "
@@ -130,9 +141,9 @@ def _refuse_tables(key: str, value: Any) -> None:
     module = type(value).__module__.split(".")[0]
     if module in ("pandas", "xarray", "polars", "pyarrow"):
         raise DataValueError(
-            f"value of {key!r} is a {type(value).__name__}: tables and labelled arrays are not "
-            "supported yet (their column names, index or coordinates would be lost); give "
-            "each column as a key of its own, as a numpy array"
+            f"value of {key!r} is a {type(value).__name__}, whose labels (an index, "
+            "coordinates) would be lost: give a pandas DataFrame (saved as a table) or numpy "
+            "arrays"
         )
     if isinstance(value, np.ma.MaskedArray):
         raise DataValueError(f"value of {key!r} is a masked array: the mask would be lost")
@@ -269,6 +280,14 @@ def check_storable(
     up to 64 bits but unsigned 64, 32- and 64-bit floats, strings), arrays zarr arrays.
     """
     shape = tuple(data_key.get("shape") or ())
+    if None in shape or isinstance(data_key.get("dtype_numpy"), list):
+        if to_file and spec == TABLE_SPEC:
+            return
+        raise DataValueError(
+            f"{key!r} holds tables or variable-length arrays, which are written as Parquet "
+            f"files{f', not as {spec}' if spec else ''}: leave it out of writers_dict or give "
+            "it 'PARQUET'"
+        )
     try:
         dtype = np.dtype(data_key["dtype_numpy"])
     except (KeyError, TypeError) as error:
@@ -281,6 +300,8 @@ def check_storable(
     if dtype.kind in "mM" and np.datetime_data(dtype)[0] == "generic":
         raise DataValueError(f"{key!r} has dtype {dtype} without a time unit")
     if to_file:
+        if spec == TABLE_SPEC:  # tables and variable-length arrays, checked value by value
+            return
         kinds, dims = FILE_DTYPE_KINDS.get(spec or "", (_ANY_FILE_KINDS, range(0, 33)))
         if dtype.kind not in kinds:
             raise DataValueError(
@@ -359,8 +380,8 @@ def merge_data_key(
     if known["shape"] != new["shape"]:
         raise DataValueError(
             f"{key!r} changed its shape within a stream: {tuple(known['shape'])} then "
-            f"{tuple(new['shape'])}; the store keeps one shape per key and stream (pad the "
-            "values, or save them in separate streams)"
+            f"{tuple(new['shape'])}; a key of 1-D arrays of any length is written as "
+            "Parquet: give writers_dict={" + repr(key) + ": 'PARQUET'}"
         )
     merged = dict(known)
     try:

@@ -114,7 +114,7 @@ def stored_counts_match(client: Any, uid: str, expected: Counts) -> str | None:
             if rows != events:
                 return f"stream {stream!r} has {rows} rows, the journal {events} events"
         for key, expected_frames in frames.items():
-            length = len(node[key]) if key in node else 0
+            length = node.frames(key)
             if length != expected_frames:
                 return f"{stream}/{key} has {length} frames, the journal {expected_frames}"
     return None

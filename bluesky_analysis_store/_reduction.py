@@ -54,6 +54,7 @@ class ReductionPlan:
     code: list[dict[str, Any]]
     writers: Mapping[str, WriterSpec] = field(default_factory=dict)
     array_writer: WriterSpec | None = None
+    table_writer: WriterSpec | None = None
     inline_keys: frozenset[str] = frozenset()
     md: Mapping[str, Any] = field(default_factory=dict)
     asset_documents: Literal["stream", "resource"] = "stream"
@@ -85,7 +86,10 @@ class ReductionPlan:
         # Every file a writer makes stays under its root (``confined_path``), so a root the
         # store may read means files it may read: refused now, not after the first frame.
         if (readable := getattr(store, "readable_roots", None)) is not None:
-            specs = [*plan.writers.values(), *filter(None, [plan.array_writer])]
+            specs = [
+                *plan.writers.values(),
+                *filter(None, [plan.array_writer, plan.table_writer]),
+            ]
             for root_folder in sorted({spec.root for spec in specs}):
                 check_readable(root_folder, readable, what="the writer root")
         return plan
@@ -125,6 +129,7 @@ class ReductionPlan:
             code=code,
             writers=resolved,
             array_writer=array_writer,
+            table_writer=resolve_writers({"*": "PARQUET"}, root)["*"],
             inline_keys=inline,
             md=check_metadata(md),
             asset_documents=asset_documents,
@@ -199,6 +204,7 @@ class RunReduction(DocumentRouter):
             self._plan.writers,
             asset_documents=self._plan.asset_documents,
             array_writer=self._plan.array_writer,
+            table_writer=self._plan.table_writer,
             inline_keys=self._plan.inline_keys,
             uid=self._child_uid,
         )

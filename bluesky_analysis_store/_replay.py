@@ -16,6 +16,7 @@ SIGKILL) before the stop was saved. Such a run is replayed as far as it goes;
 from __future__ import annotations
 
 import heapq
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -71,7 +72,7 @@ class StreamNode:
                 item,
                 include_data_sources=attributes.get("data_sources") is not None,
             )
-            if attributes["structure_family"] == "table":
+            if attributes["structure_family"] == "table" and is_stream_table(key):
                 for column in attributes["structure"]["columns"]:
                     self._tables[column] = client
             else:
@@ -97,6 +98,22 @@ class StreamNode:
     def length(self) -> int:
         """How many events it holds (its saved rows; 0 before the first event)."""
         return len(self["seq_num"]) if "seq_num" in self else 0
+
+    def frames(self, key: str) -> int:
+        """How many events' values of file-backed ``key`` it holds (0 if none): an array's
+        length, a table's partitions (one file per event)."""
+        if key not in self:
+            return 0
+        client = self[key]
+        if client.structure_family == "table":
+            return int(client.structure().npartitions)
+        return len(client)
+
+
+def is_stream_table(key: str) -> bool:
+    """Whether the table node ``key`` of a stream holds the stream's own rows (TiledWriter
+    names them ``internal``, ``internal_0``...), not the tables of a table-valued key."""
+    return re.fullmatch(r"internal(_[0-9]+)?", key) is not None
 
 
 def _stream_events(

@@ -396,7 +396,8 @@ def _remove_child_files(plan: ReductionPlan, child_uid: str | None) -> None:
     if not child_uid:
         return
     roots = {spec.root for spec in plan.writers.values()}
-    if plan.array_writer is not None:
-        roots.add(plan.array_writer.root)
+    for default in (plan.array_writer, plan.table_writer):
+        if default is not None:
+            roots.add(default.root)
     for root in roots:
         shutil.rmtree(os.path.join(root, child_uid), ignore_errors=True)

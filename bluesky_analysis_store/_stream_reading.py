@@ -5,6 +5,10 @@ Through tiled's composite client (the layout bluesky-tiled-plugins' TiledWriter 
 twice, before the key's own request: reading four keys one by one took some sixteen
 requests. Here the contents are asked for once, the scalar columns (one table) are read in
 one request, and each array key in one more.
+
+A table-valued key (a table node of its own, ``_table_values``) is read as one DataFrame of
+every event's rows, with their ``seq_num``; a variable-length key as a list of arrays, one
+per event.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NOT_DATA_KEYS", "StreamReader", "read_table_columns"]
+__all__ = ["NOT_DATA_KEYS", "StreamReader", "read_arrow_table", "read_table_columns"]
 
 # Columns every stream has that are not data keys of its descriptor.
 NOT_DATA_KEYS = frozenset({"seq_num", "time"})
@@ -33,10 +37,16 @@ class StreamReader:
         get_contents = getattr(node, "get_contents", None)
         self._composite = callable(get_contents)  # a composite stream, as TiledWriter writes
         self._table_items: dict[str, Mapping[str, Any]] = {}
+        # Table-valued and variable-length keys: a table node each, named by the key.
+        self._value_tables: dict[str, Mapping[str, Any]] = {}
         if self._composite:
+            from ._replay import is_stream_table
+
             for item_id, item in get_contents().items():
                 attributes = item["attributes"]
-                if attributes["structure_family"] == "table":
+                if attributes["structure_family"] == "table" and not is_stream_table(item_id):
+                    self._value_tables[item_id] = item
+                elif attributes["structure_family"] == "table":
                     self._table_items[item_id] = item
                     for column in attributes["structure"]["columns"]:
                         self._table_of[column] = item_id
@@ -47,7 +57,7 @@ class StreamReader:
 
     def keys(self) -> list[str]:
         """The stream's data keys, without its event numbers, times and timestamps."""
-        names = [*self._table_of, *self._arrays]
+        names = [*self._table_of, *self._arrays, *self._value_tables]
         present = set(names)
         return [
             k
@@ -56,7 +66,11 @@ class StreamReader:
         ]
 
     def __contains__(self, key: str) -> bool:
-        return key in self._table_of or key in self._arrays
+        return key in self._table_of or key in self._arrays or key in self._value_tables
+
+    def is_value_table(self, key: str) -> bool:
+        """Whether ``key`` holds tables or variable-length arrays (not one value a row)."""
+        return key in self._value_tables
 
     def has_data_key(self, key: str) -> bool:
         return key in self and key not in NOT_DATA_KEYS
@@ -73,6 +87,8 @@ class StreamReader:
         """The shape of one event's value of ``key``."""
         if key in self._table_of:
             return ()
+        if key in self._value_tables:
+            raise ValueError(f"{key!r} holds tables or variable-length arrays, of no one shape")
         shape = self._arrays[key].get("shape")
         if shape is None:  # not listed with the contents: ask the array itself
             shape = self._node[key].shape
@@ -99,6 +115,8 @@ class StreamReader:
         for key in wanted:
             if key in self._table_of:
                 by_table.setdefault(self._table_of[key], []).append(key)
+            elif key in self._value_tables:
+                self._read[key] = self._read_value_table(key)
             else:
                 self._read[key] = np.asarray(self.array(key).read())
         for table_id, table_keys in by_table.items():
@@ -107,6 +125,24 @@ class StreamReader:
             read = read_table_columns(self._node.context, self._table_items[table_id], table_keys)
             self._read.update(read)
         return [self._read[k] for k in keys]
+
+    def _read_value_table(self, key: str) -> Any:
+        from .formats.parquet import RAGGED_COLUMN, SEQ_NUM_COLUMN, to_dataframe
+
+        item = self._value_tables[key]
+        table = to_dataframe(read_arrow_table(self._node.context, item, None))
+        prefix = f"{key}."
+        table.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in table.columns]
+        table = table.reset_index(drop=True)
+        if isinstance(self.data_key(key).get("dtype_numpy"), list):
+            return table
+        # Variable-length: the rows of each event, in event order (none for an empty one).
+        seq_nums = table[SEQ_NUM_COLUMN].to_numpy()
+        values = table[RAGGED_COLUMN].to_numpy()
+        events = self.seq_nums(0) if "seq_num" in self._table_of else np.unique(seq_nums)
+        starts = np.searchsorted(seq_nums, events, side="left")
+        stops = np.searchsorted(seq_nums, events, side="right")
+        return [values[a:b] for a, b in zip(starts, stops, strict=True)]
 
     def seq_nums(self, count: int) -> np.ndarray:
         """The stream's event numbers, as saved (1..N only when the stream has none)."""
@@ -124,22 +160,36 @@ def read_table_columns(
 
     tiled's DataFrameClient does the same through a dask dataframe; importing its module
     (dask.dataframe, pandas) takes a second, most of a plot's time on the command line."""
+    table = read_arrow_table(context, item, columns)
+    return {column: _column_values(table.column(column)) for column in columns}
+
+
+def read_arrow_table(context: Any, item: Mapping[str, Any], columns: list[str] | None) -> Any:
+    """A table node's ``columns`` (all of them for None), every partition, as Arrow."""
     import pyarrow as pa
     import pyarrow.ipc
 
-    url = item["links"]["partition"]
+    params = {} if columns is None else {"column": columns}
     partitions = int(item["attributes"]["structure"].get("npartitions") or 1)
+    if partitions > 1 and "full" in item["links"]:  # a table of many files: one request
+        response = context.http_client.get(
+            item["links"]["full"],
+            headers={"Accept": "application/vnd.apache.arrow.file"},
+            params=params,
+        )
+        response.raise_for_status()
+        return pyarrow.ipc.open_file(pa.BufferReader(response.content)).read_all()
+    url = item["links"]["partition"]
     tables = []
     for partition in range(partitions):
         response = context.http_client.get(
             url,
             headers={"Accept": "application/vnd.apache.arrow.file"},
-            params={"partition": partition, "column": columns},
+            params={"partition": partition, **params},
         )
         response.raise_for_status()
         tables.append(pyarrow.ipc.open_file(pa.BufferReader(response.content)).read_all())
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return {column: _column_values(table.column(column)) for column in columns}
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
 def _column_values(column: Any) -> np.ndarray:

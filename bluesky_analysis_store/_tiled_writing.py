@@ -25,6 +25,7 @@ from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer, _RunWriter
 from event_model import DocumentNames, RunRouter, schema_validators
 
 from ._filling import EventShortcut, RouterFiller
+from ._table_consolidator import register as _register_table_consolidator
 
 __all__ = ["FlushingTiledWriter", "normalized_stream_resource"]
 
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings(
     "ignore", message=r".*when RunRouter passed it a 'start' document", category=UserWarning
 )
+
+_register_table_consolidator()
 
 # Large enough that the plugin never writes on its own between flushes.
 _BATCH_SIZE = 100_000

@@ -18,7 +18,7 @@ import numpy as np
 DTYPES = ("uint16", "float32", "int64")
 FRAME_SHAPES = ((6, 5), (7,))
 FORMAT_NAMES = ("TIFF", "HDF5", "NPY")
-HANDLER_SPECS = frozenset({"BAS_TIFF_SERIES", "BAS_HDF5", "BAS_NPY_SERIES"})
+HANDLER_SPECS = frozenset({"BAS_TIFF_SERIES", "BAS_HDF5", "BAS_NPY_SERIES", "BAS_PARQUET_TABLE"})
 
 # Provenance that satisfies the strict check: a parent run and importable, installed code.
 PARENT_UID = "00000000-0000-4000-8000-000000000001"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import event_model
@@ -181,8 +182,15 @@ def test_an_inline_number_may_widen_but_an_array_keeps_its_shape(tmp_path: Path)
     keys = descriptor_of(documents, "primary")["data_keys"]
     assert keys["v"]["shape"] == [3]
     assert keys["n"]["dtype"] == "number" and keys["n"]["dtype_numpy"] == "<f8"
-    # The catalog's tables hold no variable-length arrays: refused before anything is made.
+    # A 1-d array whose length changes is a variable-length key (written as Parquet); an
+    # array of more dimensions keeps its shape: refused before anything is made.
     data[1]["primary"]["v"] = np.arange(5, dtype="f8")
+    documents = validate(compose_documents(data, {}, None, root=tmp_path / "v", **PROVENANCE))
+    declared = descriptor_of(documents, "primary")["data_keys"]["v"]
+    assert declared["shape"] == [None] and declared["external"] == "STREAM:"
+    shutil.rmtree(tmp_path / "v")
+    for event in data:
+        event["primary"]["v"] = event["primary"]["v"].reshape(1, -1)
     refuse(tmp_path, DataValueError, "changed its shape", data)
 
 

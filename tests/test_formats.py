@@ -43,6 +43,7 @@ from bluesky_analysis_store.formats import (
     ENTRY_POINT_GROUP,
     HDF5_FORMAT,
     NPY_FORMAT,
+    PARQUET_FORMAT,
     TIFF_FORMAT,
 )
 
@@ -122,7 +123,9 @@ def test_writers_leave_the_layout_their_suffix_promises(tmp_path: Path) -> None:
 
 def test_handlers_are_installed_as_databroker_entry_points() -> None:
     handlers = entry_point_handlers()
-    assert handlers == {fmt.spec: fmt.handler for fmt in (TIFF_FORMAT, HDF5_FORMAT, NPY_FORMAT)}
+    assert handlers == {
+        fmt.spec: fmt.handler for fmt in (TIFF_FORMAT, HDF5_FORMAT, NPY_FORMAT, PARQUET_FORMAT)
+    }
 
 
 @pytest.mark.parametrize(("fmt_name", "dtype", "shape"), MATRIX)
@@ -351,17 +354,17 @@ def registry() -> FormatRegistry:
 
 
 def test_lookup_by_short_name_and_by_spec(registry: FormatRegistry) -> None:
-    for fmt in (TIFF_FORMAT, HDF5_FORMAT, NPY_FORMAT):
+    for fmt in (TIFF_FORMAT, HDF5_FORMAT, NPY_FORMAT, PARQUET_FORMAT):
         assert registry[fmt.name] is fmt
         assert registry[fmt.spec] is fmt
         assert fmt.name in registry and fmt.spec in registry
         assert formats[fmt.name] is fmt
-    assert {fmt.name for fmt in registry} == {"TIFF", "HDF5", "NPY"}
+    assert {fmt.name for fmt in registry} == {"TIFF", "HDF5", "NPY", "PARQUET"}
     assert {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} >= HANDLER_SPECS
 
 
 def test_unknown_format_is_a_key_error(registry: FormatRegistry) -> None:
-    with pytest.raises(FormatRegistryError, match="unknown format 'JPEG'.*HDF5, NPY, TIFF"):
+    with pytest.raises(FormatRegistryError, match="unknown format 'JPEG'.*HDF5, NPY, PARQUET, TIFF"):
         registry["JPEG"]
     with pytest.raises(KeyError):
         registry["JPEG"]
@@ -391,7 +394,7 @@ def test_registering_the_identical_format_again_is_fine(registry: FormatRegistry
     registry.register(HDF5_FORMAT)
     registry.register(dataclasses.replace(HDF5_FORMAT))  # equal, not the same object
     assert registry["HDF5"] == HDF5_FORMAT
-    assert len(list(registry)) == 3
+    assert len(list(registry)) == 4
 
 
 def test_overwrite_replaces(registry: FormatRegistry) -> None:
@@ -417,6 +420,7 @@ def test_handler_registry(registry: FormatRegistry) -> None:
         "BAS_TIFF_SERIES": TIFF_FORMAT.handler,
         "BAS_HDF5": HDF5_FORMAT.handler,
         "BAS_NPY_SERIES": NPY_FORMAT.handler,
+        "BAS_PARQUET_TABLE": PARQUET_FORMAT.handler,
     }
     assert registry.handler_registry() == expected
     assert formats.handler_registry().items() >= expected.items()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _faults import API_KEY, TiledServer
+from _tables import assert_read_back, events, peak_lists, spectra
 from _helpers import (
     DTYPES,
     FORMAT_NAMES,
@@ -173,3 +174,12 @@ def test_a_child_saved_through_the_server_gets_its_prov_links(
     data_folder.mkdir()
     raw, child, data = save_linked_child(store, data_folder)
     assert_child_links(fresh_reader(server), raw, child, data)
+
+
+def test_tables_and_variable_lengths_through_the_server(
+    server: TiledServer, store: AnalysisStore
+) -> None:
+    tables, peaks = spectra(), peak_lists()
+    uid = store.save(events(tables, peaks), {}, **PROVENANCE)
+    assert len(files_under(server.assets / uid)) == 2 * len(tables)  # a file per event and key
+    assert_read_back(fresh_reader(server), uid, tables, peaks)

@@ -5,6 +5,7 @@ from ._paths import confine_handler
 from ._registry import ENTRY_POINT_GROUP, FormatRegistry, formats
 from .hdf5 import HDF5_FORMAT, HDF5DatasetHandler, HDF5DatasetWriter
 from .npy import NPY_FORMAT, NPYSeriesHandler, NPYSeriesWriter
+from .parquet import PARQUET_FORMAT, ParquetTableHandler, ParquetTableWriter
 from .tiff import TIFF_FORMAT, TIFFSeriesHandler, TIFFSeriesWriter
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "NPY_FORMAT",
     "NPYSeriesHandler",
     "NPYSeriesWriter",
+    "PARQUET_FORMAT",
+    "ParquetTableHandler",
+    "ParquetTableWriter",
     "TIFF_FORMAT",
     "TIFFSeriesHandler",
     "TIFFSeriesWriter",

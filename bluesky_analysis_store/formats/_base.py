@@ -105,6 +105,11 @@ class FileFormat:
         params["chunk_shape"] = [1, *frame_shape]
         return params
 
+    def key_resource_kwargs(self, data_key: str, described: Mapping[str, Any]) -> dict[str, Any]:
+        """Resource kwargs that depend on the data key written (its name and its data key
+        in the descriptor, ``described``); none for most formats."""
+        return {}
+
     def check_target(self, full_path: str, resource_kwargs: Mapping[str, Any]) -> None:
         """Refuse, before a writer is made, a place that already holds data.
 
