@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from event_model import DocumentRouter, unpack_event_page
 
+from ._access_tags import inherit_access_tags, start_access_tags
 from ._composer import RunComposer, check_metadata
 from ._confinement import check_readable
 from ._data_keys import check_stream_name
@@ -199,6 +200,7 @@ class RunReduction(DocumentRouter):
         ):
             if raw_key in doc and child_key not in md:
                 md[child_key] = doc[raw_key]
+        md = inherit_access_tags(md, [start_access_tags(doc)])
         self._composer = RunComposer(
             md,
             self._plan.writers,

@@ -168,6 +168,19 @@ def start_document(run: Any) -> dict[str, Any]:
     return dict((getattr(run, "metadata", None) or {}).get("start") or {})
 
 
+def start_with_access_tags(run: Any) -> dict[str, Any]:
+    """``run.start`` with the access tags of its node, which TiledWriter keeps out of the
+    saved start (as ``tiled_access_tags``, as the start document was written with them):
+    a child made from the replay is tagged as its parent (``_access_tags``)."""
+    from ._access_tags import ACCESS_TAGS_KEY, node_access_tags
+
+    start = dict(run.start)
+    tags = node_access_tags(run)
+    if tags and ACCESS_TAGS_KEY not in start:
+        start[ACCESS_TAGS_KEY] = sorted(tags)
+    return start
+
+
 def stop_document(run: Any) -> dict[str, Any] | None:
     """The run's stop document, or None when it has none (``run.stop`` raises then)."""
     stop = (getattr(run, "metadata", None) or {}).get("stop")
@@ -225,7 +238,7 @@ def replay_run(run: Any, *, stand_in: bool = False) -> Iterator[tuple[str, dict[
     A run without a stop document ends after its last saved event, with no stop, unless
     ``stand_in``: then with :func:`stand_in_stop`.
     """
-    yield "start", dict(run.start)
+    yield "start", start_with_access_tags(run)
     generators = []
     for stream_name in run:
         stream = run[stream_name]

@@ -532,9 +532,27 @@ class AnalysisStore:
         kwargs.setdefault("root", self.asset_root)
         kwargs["readable_roots"] = self.readable_roots  # refused before any file is written
         kwargs["parents"] = check_parents(self, kwargs.get("parents", ()))
+        md = self._with_parents_access_tags(md, kwargs["parents"])
         documents = list(compose_documents(data_dicts, md, writers_dict, **kwargs))
         save_documents(self, documents)
         return documents[0][1]["uid"]
+
+    def _with_parents_access_tags(self, md: Any, parents: list[Any]) -> Any:
+        """``md`` with the access tags the parents share (``_access_tags``)."""
+        from ._access_tags import inherit_access_tags, node_access_tags, start_access_tags
+        from ._provenance import CheckedParent
+
+        if md is not None and not isinstance(md, Mapping):
+            return md  # refused, with its own message, by compose_documents
+        tags = []
+        for parent in parents:
+            if isinstance(parent, CheckedParent):  # found in this catalog: its node's tags
+                tags.append(node_access_tags(self.catalog[parent.uid]))
+            elif isinstance(parent, Mapping):  # a start document of another catalog
+                tags.append(start_access_tags(parent))
+            else:  # a run client
+                tags.append(node_access_tags(parent))
+        return inherit_access_tags(md or {}, tags)
 
     # --- reading ------------------------------------------------------------------------
 

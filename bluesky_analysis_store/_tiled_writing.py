@@ -139,9 +139,12 @@ class _LateClosingRunWriter(_RunWriter):
     def start(self, doc: Any) -> None:
         super().start(doc)
         if self._owner._seal:  # one request more per run, beside the start it seals
+            from ._access_tags import ACCESS_TAGS_KEY
             from ._trust import SEAL_KEY, seal_for
 
-            self.root_node.update_metadata({SEAL_KEY: seal_for(doc)}, drop_revision=True)
+            # The plugin keeps the access tags out of the saved start: so does the seal.
+            saved = {k: v for k, v in doc.items() if k != ACCESS_TAGS_KEY}
+            self.root_node.update_metadata({SEAL_KEY: seal_for(saved)}, drop_revision=True)
 
     def descriptor(self, doc: Any) -> None:
         super().descriptor(doc)
