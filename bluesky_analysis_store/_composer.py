@@ -187,8 +187,10 @@ class RunComposer:
     arrays when ``array_writer`` is given, except ``inline_keys``. Every other key goes
     inline. Tables (DataFrames, mappings of columns) and keys whose writer is the Parquet
     format (variable-length arrays) are written through that format, by ``table_writer``
-    unless ``writers`` names another root for them. ``close`` (or ``stop``) releases the
-    writers.
+    unless ``writers`` names another root for them; without a ``table_writer`` they stay in
+    the events (for documents compared, never saved: a store refuses them). Keys in
+    ``variable_length_keys`` are 1-D arrays of any length, from the first event on.
+    ``close`` (or ``stop``) releases the writers.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class RunComposer:
         array_writer: WriterSpec | None = None,
         inline_keys: Iterable[str] = (),
         table_writer: WriterSpec | None = None,
+        variable_length_keys: Iterable[str] = (),
     ) -> None:
         if asset_documents not in ("stream", "resource"):
             raise AnalysisStoreError(
@@ -211,6 +214,7 @@ class RunComposer:
         self._writers = dict(writers or {})
         self._array_writer = array_writer
         self._table_writer = table_writer
+        self._variable_length_keys = frozenset(variable_length_keys)
         self._inline_keys = frozenset(inline_keys)
         self._asset_documents = asset_documents
         self._validate = validate
@@ -254,13 +258,17 @@ class RunComposer:
             if self._writes_by_default(key, data_key):
                 writers[key] = self._array_writer
             spec = writers.get(key)
+            if key in self._variable_length_keys and len(data_key.get("shape") or ()) == 1:
+                data_key["shape"] = [None]
             if (
                 is_table_key(data_key)
                 or is_ragged_key(data_key)
                 or (spec is not None and spec.spec == TABLE_SPEC)
             ):
+                if spec is None and self._table_writer is None:
+                    continue  # kept in the events: documents that are compared, not saved
                 if spec is None:
-                    spec = writers[key] = self._table_spec(key)
+                    spec = writers[key] = self._table_writer
                 if not is_table_key(data_key):  # a Parquet key of arrays: of any length
                     if len(data_key.get("shape") or ()) != 1:
                         raise DataValueError(
@@ -279,14 +287,6 @@ class RunComposer:
         )
         self._streams[stream] = _Stream(bundle, described)
         return [("descriptor", bundle.descriptor_doc)]
-
-    def _table_spec(self, key: str) -> WriterSpec:
-        if self._table_writer is None:
-            raise DataValueError(
-                f"{key!r} is a table or a variable-length array, which is written to files: "
-                "give the run a writer root"
-            )
-        return self._table_writer
 
     def event(
         self,

@@ -131,7 +131,7 @@ def export_nexus(store: AnalysisStore, uid: str, path: str | os.PathLike[str]) -
         for stream, columns in streams.items():
             data = _group(entry, stream, "NXdata")
             for key, values in columns.items():
-                data[key] = values if values.dtype.kind != "U" else values.astype("S")
+                data[key] = _hdf5_values(values)
             if columns:
                 data.attrs["signal"] = next(iter(columns))
         if "primary" in streams:
@@ -171,8 +171,27 @@ def _run_contents(
         raise AnalysisStoreError(
             f"run {start.get('uid')} is raw data: only a derived run is exported"
         )
-    streams = {name: store.read_stream(start["uid"], name) for name in run}
+    streams = {name: _flat(store.read_stream(start["uid"], name)) for name in run}
     return start, stop_document(run), streams
+
+
+def _flat(values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A stream's keys as flat arrays: a table's columns as ``KEY.COLUMN`` (its
+    ``KEY.seq_num`` too), a variable-length key's values one event after the other, with
+    ``KEY.offsets`` where each event's begin (and the last ends)."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in values.items():
+        if hasattr(value, "columns"):  # a table (DataFrame)
+            for column in value.columns:
+                array = value[column].to_numpy()
+                flat[f"{key}.{column}"] = array.astype(str) if array.dtype.kind == "O" else array
+        elif isinstance(value, list):  # variable-length
+            lengths = [len(v) for v in value]
+            flat[key] = np.concatenate(value) if value else np.empty(0)
+            flat[f"{key}.offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        else:
+            flat[key] = value
+    return flat
 
 
 def _code_records(start: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -194,6 +213,18 @@ def _iso(timestamp: Any) -> str | None:
     if not isinstance(timestamp, (int, float)):
         return None
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
+
+
+def _hdf5_values(values: np.ndarray) -> np.ndarray:
+    """Values as HDF5 holds them: strings as bytes, times as ISO 8601 text, durations as
+    integers of their unit."""
+    if values.dtype.kind == "U":
+        return values.astype("S")
+    if values.dtype.kind == "M":
+        return np.datetime_as_string(values).astype("S")
+    if values.dtype.kind == "m":
+        return values.astype(np.int64)
+    return values
 
 
 def _group(parent: Any, name: str, nx_class: str) -> Any:

@@ -105,6 +105,11 @@ def make_figure(
 
     data = _stream(run, stream, "run")
     _require_key(data, key)
+    if data.is_value_table(key):
+        raise PlotError(
+            f"{key!r} holds tables or variable-length arrays, of no one shape to plot; read "
+            "them with AnalysisStore.read_stream"
+        )
     event_shape = data.event_shape(key)
     if len(event_shape) > 2:
         raise PlotError(

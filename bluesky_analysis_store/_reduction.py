@@ -56,6 +56,7 @@ class ReductionPlan:
     writers: Mapping[str, WriterSpec] = field(default_factory=dict)
     array_writer: WriterSpec | None = None
     table_writer: WriterSpec | None = None
+    variable_length_keys: frozenset[str] = frozenset()
     inline_keys: frozenset[str] = frozenset()
     md: Mapping[str, Any] = field(default_factory=dict)
     asset_documents: Literal["stream", "resource"] = "stream"
@@ -109,6 +110,7 @@ class ReductionPlan:
         root_map: Mapping[str, str] | None = None,
         asset_documents: Literal["stream", "resource"] = "stream",
         default_format: str | None = "HDF5",
+        table_format: str | None = "PARQUET",
     ) -> ReductionPlan:
         """Check everything that can be checked before a scan: provenance, writers, md."""
         if on_error not in ("record", "raise"):
@@ -130,7 +132,9 @@ class ReductionPlan:
             code=code,
             writers=resolved,
             array_writer=array_writer,
-            table_writer=resolve_writers({"*": "PARQUET"}, root)["*"],
+            table_writer=(
+                resolve_writers({"*": table_format}, root)["*"] if table_format else None
+            ),
             inline_keys=inline,
             md=check_metadata(md),
             asset_documents=asset_documents,
@@ -207,6 +211,7 @@ class RunReduction(DocumentRouter):
             asset_documents=self._plan.asset_documents,
             array_writer=self._plan.array_writer,
             table_writer=self._plan.table_writer,
+            variable_length_keys=self._plan.variable_length_keys,
             inline_keys=self._plan.inline_keys,
             uid=self._child_uid,
         )

@@ -129,9 +129,16 @@ def _stream_events(
         raise KeyError(f"stream {stream_name!r} has no data for {missing}")
     times = np.asarray(stream["time"].read())
     external = {k for k, v in descriptor["data_keys"].items() if v.get("external")}
+    # Tables and variable-length keys: every event's rows at once, by seq_num.
+    by_seq_num = {
+        key: events_of_value_table(stream[key], key, descriptor["data_keys"][key])
+        for key in data_keys
+        if list(descriptor["data_keys"][key].get("shape") or ()) == [None]
+    }
+    row_keys = [key for key in data_keys if key not in by_seq_num]
     for block_start in range(0, len(seq_nums), _BLOCK_ROWS):
         block_stop = min(block_start + _BLOCK_ROWS, len(seq_nums))
-        columns = {key: _rows(stream[key], block_start, block_stop) for key in data_keys}
+        columns = {key: _rows(stream[key], block_start, block_stop) for key in row_keys}
         stamps = {
             key: _rows(stream[f"ts_{key}"], block_start, block_stop)
             for key in data_keys
@@ -146,13 +153,44 @@ def _stream_events(
                 "descriptor": descriptor["uid"],
                 "seq_num": seq_num,
                 "time": time,
-                "data": {key: event_value(columns[key][row]) for key in data_keys},
+                "data": {
+                    key: by_seq_num[key](seq_num)
+                    if key in by_seq_num
+                    else event_value(columns[key][row])
+                    for key in data_keys
+                },
                 "timestamps": {
                     key: float(stamps[key][row]) if key in stamps else time for key in data_keys
                 },
                 "filled": dict.fromkeys(external, True),
             }
             yield time, seq_num, stream_name, event
+
+
+def events_of_value_table(table: Any, key: str, data_key: dict[str, Any]) -> Any:
+    """A function of ``seq_num`` giving that event's value of a table-valued key (a
+    DataFrame) or a variable-length key (an array), read from its table node in one go."""
+    from ._stream_reading import read_arrow_table
+    from .formats.parquet import RAGGED_COLUMN, SEQ_NUM_COLUMN, to_dataframe
+
+    frame = to_dataframe(read_arrow_table(table.context, table.item, None))
+    prefix = f"{key}."
+    frame.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in frame.columns]
+    groups = {int(n): rows for n, rows in frame.groupby(SEQ_NUM_COLUMN, sort=False)}
+    empty = frame.iloc[0:0]
+
+    if isinstance(data_key.get("dtype_numpy"), list):
+
+        def table_of(seq_num: int) -> Any:
+            rows = groups.get(seq_num, empty).drop(columns=SEQ_NUM_COLUMN)
+            return rows.reset_index(drop=True)
+
+        return table_of
+
+    def values_of(seq_num: int) -> np.ndarray:
+        return groups.get(seq_num, empty)[RAGGED_COLUMN].to_numpy()
+
+    return values_of
 
 
 def _rows(array: Any, start: int, stop: int) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -19,7 +20,15 @@ from ._provenance import code_record, resolve_code_name, sha256_of_file
 from ._recorded_code import load_definition_from_file, load_recorded_code
 from ._reducers import FunctionReducer, Reducer
 from ._reduction import ReductionPlan, RunReduction
-from ._replay import count_events, replay_run, stop_document, stream_lengths
+from ._replay import (
+    StreamNode,
+    count_events,
+    events_of_value_table,
+    replay_run,
+    stop_document,
+    stream_lengths,
+)
+from ._table_values import is_ragged_key
 
 __all__ = ["Difference", "ReproduceReport", "reproduce"]
 
@@ -364,7 +373,10 @@ def reproduce(
             reducers = [_reducer_from(record, obj) for record, obj in loaded]
         else:
             report.code_loaded.append("reducers given by the caller: the recorded code not run")
-        plan = ReductionPlan.build(reducers, default_format=None, strict=False)
+        # Nothing is written: every value, tables too, stays in the events compared; the
+        # keys saved as variable-length may change length in the re-run too.
+        plan = ReductionPlan.build(reducers, default_format=None, table_format=None, strict=False)
+        plan = dataclasses.replace(plan, variable_length_keys=_variable_length_keys(child))
         client = getattr(source if source is not None else store, "client", source)
         if progress is None:
             progress = sys.stderr.isatty()
@@ -403,19 +415,29 @@ class _SavedStream:
 
     def __init__(self, node: Any) -> None:
         self._node = node
-        names = set(node)
+        self._parts = StreamNode(node)  # a table-valued key is one key, not its columns
+        names = set(self._parts.keys)
         self.keys = {
             k
             for k in names - _TABLE_COLUMNS
             if not (k.startswith("ts_") and k.removeprefix("ts_") in names)
         }
         descriptors = getattr(node, "descriptors", None) or [{}]
-        data_keys = descriptors[0].get("data_keys", {})
-        self._scalars = {k for k in self.keys if data_keys.get(k, {}).get("shape", [None]) == []}
+        self._data_keys = descriptors[0].get("data_keys", {})
+        self._scalars = {
+            k for k in self.keys if self._data_keys.get(k, {}).get("shape", [None]) == []
+        }
         self._table: dict[str, np.ndarray] | None = None
         self._blocks: dict[str, tuple[int, np.ndarray]] = {}
+        self._value_tables: dict[str, Any] = {}
 
-    def value(self, key: str, row: int) -> np.ndarray:
+    def value(self, key: str, row: int) -> Any:
+        if self._data_keys.get(key, {}).get("shape") == [None]:  # tables, variable lengths
+            if key not in self._value_tables:
+                self._value_tables[key] = events_of_value_table(
+                    self._parts[key], key, self._data_keys[key]
+                )
+            return self._value_tables[key](row + 1)
         if key in self._scalars:
             table = self._read_table()
             if key in table:
@@ -510,8 +532,7 @@ class _Comparison:
             comparison = self._key(stream, key)
             comparison.events += 1
             saved = saved_stream.value(key, seq_num - 1)
-            fresh = np.asarray(event["data"][key])
-            detail, deviation = _array_difference(saved, fresh, self._rtol, self._atol)
+            detail, deviation = _value_difference(saved, event["data"][key], self._rtol, self._atol)
             if detail:
                 comparison.note("differ", f"first at seq_num {seq_num}")
                 self._differ(stream, key, seq_num, detail)
@@ -541,6 +562,45 @@ class _Comparison:
             self._report.largest_deviation = self._largest[1]
             return "within tolerance"
         return "identical"
+
+
+def _variable_length_keys(child: Any) -> frozenset[str]:
+    """The keys of ``child``'s streams saved as variable-length arrays (not tables)."""
+    keys = set()
+    for name in child:
+        for descriptor in getattr(child[name], "descriptors", None) or []:
+            for key, data_key in (descriptor.get("data_keys") or {}).items():
+                if is_ragged_key(data_key):
+                    keys.add(key)
+    return frozenset(keys)
+
+
+def _value_difference(
+    saved: Any, fresh: Any, rtol: float, atol: float
+) -> tuple[str | None, tuple[float, str] | None]:
+    """:func:`_array_difference` of two values; tables column by column (same columns, in
+    the same order, each compared as an array)."""
+    if not (hasattr(saved, "columns") or hasattr(fresh, "columns")):
+        return _array_difference(np.asarray(saved), np.asarray(fresh), rtol, atol)
+    if not (hasattr(saved, "columns") and hasattr(fresh, "columns")):
+        return f"{type(saved).__name__} saved, {type(fresh).__name__} re-run", None
+    if list(saved.columns) != list(fresh.columns):
+        return f"columns {list(saved.columns)} saved, {list(fresh.columns)} re-run", None
+    largest: tuple[float, str] | None = None
+    for column in saved.columns:
+        detail, deviation = _array_difference(
+            _column_array(saved[column]), _column_array(fresh[column]), rtol, atol
+        )
+        if detail:
+            return f"column {column!r}: {detail}", None
+        if deviation is not None and (largest is None or deviation[0] > largest[0]):
+            largest = (deviation[0], f"column {column!r}: {deviation[1]}")
+    return None, largest
+
+
+def _column_array(column: Any) -> np.ndarray:
+    values = column.to_numpy()
+    return values.astype(str) if values.dtype.kind == "O" else values
 
 
 def _array_difference(

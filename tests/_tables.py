@@ -74,3 +74,10 @@ def assert_read_back(store: AnalysisStore, uid: str, tables, peaks) -> None:
         assert got.dtype == original.dtype
         np.testing.assert_array_equal(got, original)
     np.testing.assert_array_equal(read["total"], [float(t["mu"].sum()) for t in tables])
+
+
+def edge_step(data: dict[str, Any]) -> dict[str, Any]:
+    """A reducer of a table-valued input: the spectrum's step and the number of peaks."""
+    table = data["spectrum"]
+    return {"step": float(table["mu"].iloc[-1] - table["mu"].iloc[0]),
+            "npeaks": len(data["peaks"])}  # fmt: skip

@@ -253,9 +253,15 @@ def _described_keys(node: Any, events: int | None) -> dict[str, Any] | None:
     described = (node.metadata or {}).get("data_keys") or {}
     keys: dict[str, Any] = {}
     names: list[str] = []
+    from .._replay import is_stream_table
+
     for item_id, item in get_contents().items():
         attributes = item["attributes"]
-        if attributes["structure_family"] == "table":
+        if attributes["structure_family"] == "table" and not is_stream_table(item_id):
+            # A table-valued or variable-length key: rows of its own, any number an event.
+            names.append(item_id)
+            keys[item_id] = {"shape": [events, None], "dtype": _rows_dtype(described, item_id)}
+        elif attributes["structure_family"] == "table":
             names += attributes["structure"]["columns"]
         else:
             names.append(item_id)
@@ -284,6 +290,23 @@ def _described_keys(node: Any, events: int | None) -> dict[str, Any] | None:
 
 
 _ENDIAN = {"little": "<", "big": ">", "not_applicable": "|"}
+
+
+def _rows_dtype(described: Mapping[str, Any], key: str) -> str:
+    """How a table key's rows are made (``table(energy float64, ...)``), or a
+    variable-length key's values."""
+    import numpy as np
+
+    dtype = (described.get(key) or {}).get("dtype_numpy")
+    if isinstance(dtype, list):
+        columns = ", ".join(
+            f"{name} {'str' if kind == '|O8' else np.dtype(kind)}" for name, kind in dtype
+        )
+        return f"table({columns})"
+    try:
+        return f"{np.dtype(dtype)}, variable length"
+    except TypeError:
+        return "?"
 
 
 def show_record(uid: str, run: Any) -> dict[str, Any]:
