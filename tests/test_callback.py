@@ -75,6 +75,12 @@ def column(run: Any, stream: str, key: str) -> np.ndarray:
     return np.asarray(run[stream][key].read())
 
 
+def columns(store: AnalysisStore, run: Any, stream: str, *keys: str) -> dict[str, np.ndarray]:
+    """The values of several keys of one stream of ``run``, every event, read together
+    (``read_stream``: the stream's table in one request, not three requests a key)."""
+    return store.read_stream(run.start["uid"], stream, keys)
+
+
 def data_keys(run: Any, stream: str) -> dict[str, Any]:
     return dict(run[stream].metadata["data_keys"])
 
@@ -129,12 +135,13 @@ def test_count_child_run_has_provenance_values_and_links(RE, hw, store, make_cal
     det = np.array([e["data"]["det"] for e in events])
     assert len(set(det.tolist())) == 5, "the noisy detector should give distinct readings"
     expected = [reducer(e["data"]) for e in events]
-    np.testing.assert_allclose(column(child, "primary", "total"), [x["total"] for x in expected])
-    np.testing.assert_allclose(column(child, "primary", "total"), 10 * det + 3)
-    np.testing.assert_allclose(column(child, "primary", "shifted"), det - 3)
+    primary = columns(store, child, "primary", "total", "shifted", "parent_seq_num")
+    np.testing.assert_allclose(primary["total"], [x["total"] for x in expected])
+    np.testing.assert_allclose(primary["total"], 10 * det + 3)
+    np.testing.assert_allclose(primary["shifted"], det - 3)
 
-    assert column(child, "primary", "parent_seq_num").tolist() == [e["seq_num"] for e in events]
-    assert column(child, "primary", "parent_seq_num").tolist() == [1, 2, 3, 4, 5]
+    assert primary["parent_seq_num"].tolist() == [e["seq_num"] for e in events]
+    assert primary["parent_seq_num"].tolist() == [1, 2, 3, 4, 5]
 
     stop = child.stop
     assert stop["exit_status"] == "success"
@@ -174,12 +181,13 @@ def test_scans_give_one_child_event_per_raw_event(
     readings = np.array([e["data"][key] for e in events])
     assert len(set(readings.round(12).tolist())) > 1, "the scan should move the detector's value"
     child = only_child(store, raw_uid)
-    total = column(child, "primary", "total")
+    primary = columns(store, child, "primary", "total", "shifted", "parent_seq_num")
+    total = primary["total"]
     assert len(total) == len(events)
     np.testing.assert_allclose(total, 10 * readings + 0.5)
-    np.testing.assert_allclose(column(child, "primary", "shifted"), readings - 0.5)
-    assert column(child, "primary", "parent_seq_num").tolist() == [e["seq_num"] for e in events]
-    assert column(child, "primary", "parent_seq_num").tolist() == list(range(1, num + 1))
+    np.testing.assert_allclose(primary["shifted"], readings - 0.5)
+    assert primary["parent_seq_num"].tolist() == [e["seq_num"] for e in events]
+    assert primary["parent_seq_num"].tolist() == list(range(1, num + 1))
     assert child.stop["num_events"] == {"primary": num}
     assert child.start["parent_uids"] == [raw_uid]
     assert child.start["parent_plan_name"] == raw.run(raw_uid)[0][1]["plan_name"]
@@ -211,22 +219,26 @@ def test_img_frames_are_filled_and_derived_images_go_to_files(
     reopened = AnalysisStore.open(module_store_folder)
     child = only_child(reopened, raw_uid)
 
+    primary = columns(
+        reopened, child, "primary",
+        "is_ndarray", "rows", "cols", "img_total", "doubled", "as_u16",
+    )  # fmt: skip
     # The reducer saw numpy arrays of the frame's shape.
-    assert column(child, "primary", "is_ndarray").tolist() == [True] * num
-    assert column(child, "primary", "rows").tolist() == [10] * num
-    assert column(child, "primary", "cols").tolist() == [10] * num
-    np.testing.assert_allclose(column(child, "primary", "img_total"), [f.sum() for f in frames])
+    assert primary["is_ndarray"].tolist() == [True] * num
+    assert primary["rows"].tolist() == [10] * num
+    assert primary["cols"].tolist() == [10] * num
+    np.testing.assert_allclose(primary["img_total"], [f.sum() for f in frames])
 
     keys = data_keys(child, "primary")
     assert keys["doubled"]["external"] == "STREAM:"
     assert keys["as_u16"]["external"] == "STREAM:"
     assert "external" not in keys["img_total"]
 
-    doubled = column(child, "primary", "doubled")
+    doubled = primary["doubled"]
     assert doubled.dtype == np.float32
     assert doubled.shape == (num, 10, 10)
     np.testing.assert_array_equal(doubled, np.stack([2 * f for f in frames]).astype(np.float32))
-    as_u16 = column(child, "primary", "as_u16")
+    as_u16 = primary["as_u16"]
     assert as_u16.dtype == np.uint16
     assert as_u16.shape == (num, 10, 10)
     np.testing.assert_array_equal(as_u16, np.stack(frames).astype(np.uint16))
@@ -290,9 +302,10 @@ def test_stateful_reducer_subtracts_dark_and_sums_without_leaking_between_runs(
             [step * k * pixels for k in range(1, num + 1)],
         )
         per_pixel = step * sum(range(1, num + 1))
-        assert column(child, "summary", "frames").tolist() == [num]
-        np.testing.assert_allclose(column(child, "summary", "sum_total"), [per_pixel * pixels])
-        summed = column(child, "summary", "sum")
+        summary = columns(store, child, "summary", "frames", "sum_total", "sum")
+        assert summary["frames"].tolist() == [num]
+        np.testing.assert_allclose(summary["sum_total"], [per_pixel * pixels])
+        summed = summary["sum"]
         assert summed.shape == (1, 10, 10)
         np.testing.assert_allclose(summed[0], np.full((10, 10), per_pixel))
         [code] = child.start["provenance"]["code"]
@@ -326,11 +339,11 @@ def test_two_runs_in_a_row_get_their_own_child(RE, hw, store, shared_callback):
         assert child.start["parent_uids"] == [raw_uid]
         assert child.start["parent_plan_name"] == plan_name
         assert child.stop["num_events"] == {"primary": num}
+        primary = columns(store, child, "primary", "total", "parent_seq_num")
         np.testing.assert_allclose(
-            column(child, "primary", "total"),
-            [10 * e["data"]["det"] for e in raw.events(raw_uid)],
+            primary["total"], [10 * e["data"]["det"] for e in raw.events(raw_uid)]
         )
-        assert column(child, "primary", "parent_seq_num").tolist() == list(range(1, num + 1))
+        assert primary["parent_seq_num"].tolist() == list(range(1, num + 1))
 
 
 # --- 6. a scan that fails or is aborted ---------------------------------------------------
@@ -408,9 +421,10 @@ def test_a_failing_event_is_recorded_and_the_scan_completes(
     assert raw.stop(raw_uid)["exit_status"] == "success"
     events = raw.events(raw_uid)
     child = only_child(store, raw_uid)
-    assert column(child, "primary", "parent_seq_num").tolist() == [1, 2, 4, 5]
+    primary = columns(store, child, "primary", "parent_seq_num", "total")
+    assert primary["parent_seq_num"].tolist() == [1, 2, 4, 5]
     np.testing.assert_allclose(
-        column(child, "primary", "total"), [e["data"]["det"] for e in events if e["seq_num"] != 3]
+        primary["total"], [e["data"]["det"] for e in events if e["seq_num"] != 3]
     )
     stop = child.stop
     assert stop["exit_status"] == "success"
@@ -483,20 +497,24 @@ def test_process_thread_and_foreground_children_of_one_scan_are_identical(
     children = {store[uid].start["mode"]: store[uid] for uid in store.children(raw_uid)}
     assert set(children) == set(modes)
     fore = children["foreground"]
+    fore_keys = set(fore["primary"])
+    fore_compared = sorted(k for k in fore_keys if k != "time" and not k.startswith("ts_"))
+    fore_values = columns(store, fore, "primary", *fore_compared)
     for mode in ("process", "thread"):
         back = children[mode]
         assert set(back) == set(fore) == {"primary"}
         assert data_keys(back, "primary") == data_keys(fore, "primary")
         keys = set(back["primary"])
-        assert keys == set(fore["primary"])
+        assert keys == fore_keys
         compared = {k for k in keys if k != "time" and not k.startswith("ts_")}
         assert {"total", "shifted", "doubled", "as_u16", "img_total", "parent_seq_num"} <= compared
+        back_values = columns(store, back, "primary", *sorted(compared))
         for key in sorted(compared):
-            b, f = column(back, "primary", key), column(fore, "primary", key)
+            b, f = back_values[key], fore_values[key]
             assert b.shape == f.shape, (mode, key)
             assert b.dtype == f.dtype, (mode, key)
             np.testing.assert_array_equal(b, f, err_msg=f"{mode} {key}")
-        assert len(column(back, "primary", "doubled")) == 5
+        assert len(back_values["doubled"]) == 5
         assert back.stop["reduction"]["events_reduced"] == 5
         assert back.stop["num_events"] == {"primary": 5}
         assert back.start["provenance"]["code"] == fore.start["provenance"]["code"]
@@ -759,12 +777,9 @@ def test_interleaved_runs_each_get_their_own_child(RE, hw, store, shared_callbac
     for uid in (first, second):
         events = raw.events(uid)
         child = only_child(store, uid)
-        assert column(child, "primary", "parent_seq_num").tolist() == [
-            e["seq_num"] for e in events
-        ]
-        np.testing.assert_allclose(
-            column(child, "primary", "total"), [10.0 * e["data"]["det"] for e in events]
-        )
+        primary = columns(store, child, "primary", "parent_seq_num", "total")
+        assert primary["parent_seq_num"].tolist() == [e["seq_num"] for e in events]
+        np.testing.assert_allclose(primary["total"], [10.0 * e["data"]["det"] for e in events])
 
 
 # --- 13. the RunEngine's loop is never blocked; plans wait for derived data -----------------

@@ -47,11 +47,11 @@ def assert_complete_and_aligned(store: AnalysisStore, uid: str, stop_uid: str) -
     run = store[uid]
     assert run.metadata["stop"]["uid"] == stop_uid
     assert run.metadata["stop"]["num_events"] == {"primary": EVENTS}
-    primary = run["primary"]
-    np.testing.assert_array_equal(primary["seq_num"].read(), np.arange(1, EVENTS + 1))
-    y = primary["y"].read()
+    primary = store.read_stream(uid, "primary", ["seq_num", "y", "img"])
+    np.testing.assert_array_equal(primary["seq_num"], np.arange(1, EVENTS + 1))
+    y = primary["y"]
     np.testing.assert_array_equal(y, np.arange(EVENTS, dtype=float))
-    frames = primary["img"].read()
+    frames = primary["img"]
     assert frames.shape == (EVENTS, 4, 3)
     for i in range(EVENTS):
         assert (frames[i] == y[i]).all(), f"frame {i} is not the frame of event {i}"

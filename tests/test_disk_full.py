@@ -88,13 +88,13 @@ def test_catalog_disk_full_during_a_scan_then_space_returns(
     callback.close(timeout=DEADLINE)
     reader = AnalysisStore.open(folder)
     (child_uid,) = reader.children(raw[0])
-    primary = reader[child_uid]["primary"]
-    np.testing.assert_array_equal(primary["parent_seq_num"].read(), np.arange(1, POINTS + 1))
-    np.testing.assert_array_equal(primary["y"].read(), np.arange(1, POINTS + 1, dtype=float))
+    primary = reader.read_stream(child_uid, "primary", ["parent_seq_num", "y"])
+    np.testing.assert_array_equal(primary["parent_seq_num"], np.arange(1, POINTS + 1))
+    np.testing.assert_array_equal(primary["y"], np.arange(1, POINTS + 1, dtype=float))
     assert reader[child_uid].metadata["stop"]["num_events"] == {"primary": POINTS}
     record_outcome(
         f"catalog disk full during the scan, then space returns ({MODES[background]})",
-        "tmpfs filled", computed=POINTS, delivered=len(primary["parent_seq_num"].read()),
+        "tmpfs filled", computed=POINTS, delivered=len(primary["parent_seq_num"]),
     )  # fmt: skip
     assert reader[earlier]["primary"]["x"].read().tolist() == [1.0]
     assert not list((tmp_path / "journal").glob("*.journal"))
@@ -135,15 +135,16 @@ def test_asset_disk_full_during_a_scan_then_space_returns(
     reduction = child.metadata["stop"]["reduction"]
     assert reduction["events_failed"] >= 4
     assert all("DiskFullError" in f["error"] for f in reduction["failures"])
-    saved = child["primary"]["parent_seq_num"].read()
+    primary = store.read_stream(child_uid, "primary", ["parent_seq_num", "y", "frame"])
+    saved = primary["parent_seq_num"]
     assert len(saved) == POINTS - reduction["events_failed"] and len(saved) > 0
-    np.testing.assert_array_equal(child["primary"]["y"].read(), saved.astype(float))
+    np.testing.assert_array_equal(primary["y"], saved.astype(float))
     record_outcome(
         f"asset disk full for the first events, then space returns ({MODES[background]}; "
         "events that met the full disk are recorded as failed)",
         "tmpfs filled", computed=reduction["events_reduced"], delivered=len(saved),
     )  # fmt: skip
-    frames = child["primary"]["frame"].read()
+    frames = primary["frame"]
     for row, n in enumerate(saved):
         assert (frames[row] == n).all(), f"row {row} holds the frame of event {frames[row, 0, 0]}"
 

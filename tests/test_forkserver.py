@@ -116,10 +116,10 @@ def test_a_callbacks_worker_is_forked_with_the_sessions_environment_and_folder(
     finally:
         callback.close()
     (child,) = store.children(raw_uid)
-    primary = store[child]["primary"]
-    assert list(primary["marker"].read()) == [7.0, 7.0]
-    assert list(primary["in_cwd"].read()) == [1.0, 1.0]
-    assert set(primary["pid"].read()) == {float(callback.worker_pid)}
+    primary = store.read_stream(child, "primary", ["marker", "in_cwd", "pid"])
+    assert list(primary["marker"]) == [7.0, 7.0]
+    assert list(primary["in_cwd"]) == [1.0, 1.0]
+    assert set(primary["pid"]) == {float(callback.worker_pid)}
     assert store[child].stop["reduction"]["events_failed"] == 0
 
 

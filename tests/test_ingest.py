@@ -41,11 +41,13 @@ def assert_input_files(run, files: list[Path]) -> None:
     assert [record["sha256"] for record in recorded] == [sha256(f) for f in files]
 
 
-def assert_sources(run, stream: str, files: list[Path], indices: list[int]) -> None:
-    assert_same_array(
-        run[stream]["source_file"].read(), np.array([str(f.absolute()) for f in files])
-    )
-    assert_same_array(run[stream]["source_index"].read(), np.array(indices, dtype=np.int64))
+SOURCE_KEYS = ["source_file", "source_index"]
+
+
+def assert_sources(columns: dict[str, np.ndarray], files: list[Path], indices: list[int]) -> None:
+    """``columns``: a stream's values as ``read_stream`` gives them, its source keys among them."""
+    assert_same_array(columns["source_file"], np.array([str(f.absolute()) for f in files]))
+    assert_same_array(columns["source_index"], np.array(indices, dtype=np.int64))
 
 
 def data_keys(run, stream: str) -> set[str]:
@@ -78,8 +80,9 @@ def test_single_page_tiff(
     run = reopened[uid]
     assert run.start["sample"] == "Si"
     assert list(run) == ["primary"]
-    assert_same_array(run["primary"]["image"].read(), image[np.newaxis])
-    assert_sources(run, "primary", [path], [0])
+    columns = reopened.read_stream(uid, "primary", ["image", *SOURCE_KEYS])
+    assert_same_array(columns["image"], image[np.newaxis])
+    assert_sources(columns, [path], [0])
     assert_input_files(run, [path])
     code = run.start["provenance"]["code"]
     assert [record["name"] for record in code] == [INGEST_CODE_NAME]
@@ -107,8 +110,9 @@ def test_multi_page_tiffs_give_one_event_per_page(
     run = reopened[uid]
     assert list(run) == ["frames"]
     # Files in the order given, pages in file order.
-    assert_same_array(run["frames"]["image"].read(), np.concatenate([second, first]))
-    assert_sources(run, "frames", [path_b] * 2 + [path_a] * 3, [0, 1, 0, 1, 2])
+    columns = reopened.read_stream(uid, "frames", ["image", *SOURCE_KEYS])
+    assert_same_array(columns["image"], np.concatenate([second, first]))
+    assert_sources(columns, [path_b] * 2 + [path_a] * 3, [0, 1, 0, 1, 2])
     assert_input_files(run, [path_b, path_a])
     image_folder = module_store_folder / "assets" / uid / "frames" / "image"
     written = sorted(p.name for p in image_folder.iterdir())
@@ -131,8 +135,9 @@ def test_npy_series_written_as_npy(
     )
 
     run = reopened[uid]
-    assert_same_array(run["primary"]["image"].read(), np.stack(frames))
-    assert_sources(run, "primary", paths, [0, 0, 0])
+    columns = reopened.read_stream(uid, "primary", ["image", *SOURCE_KEYS])
+    assert_same_array(columns["image"], np.stack(frames))
+    assert_sources(columns, paths, [0, 0, 0])
     assert_input_files(run, paths)
     assert [r["name"] for r in run.start["provenance"]["code"]] == [
         INGEST_CODE_NAME,
@@ -169,11 +174,11 @@ def test_hdf5_file_with_two_datasets(
     uid = ingest(path, store=store)
 
     run = reopened[uid]
-    stream = run["primary"]
     assert data_keys(run, "primary") == {"frames", "exposure_time", "source_file", "source_index"}
-    assert_same_array(stream["frames"].read(), frames)  # frames along axis 0
-    assert_same_array(stream["exposure_time"].read(), exposure)  # one scalar per event, inline
-    assert_sources(run, "primary", [path] * 5, [0, 1, 2, 3, 4])
+    columns = reopened.read_stream(uid, "primary", ["frames", "exposure_time", *SOURCE_KEYS])
+    assert_same_array(columns["frames"], frames)  # frames along axis 0
+    assert_same_array(columns["exposure_time"], exposure)  # one scalar per event, inline
+    assert_sources(columns, [path] * 5, [0, 1, 2, 3, 4])
     assert_input_files(run, [path])
 
 
@@ -192,9 +197,10 @@ def test_hdf5_datasets_chosen_with_double_colon(
 
     run = reopened[uid]
     assert data_keys(run, "primary") == {"frames", "exposure", "source_file", "source_index"}
-    assert_same_array(run["primary"]["frames"].read(), frames)
-    assert_same_array(run["primary"]["exposure"].read(), exposure)
-    assert_sources(run, "primary", [path] * 4, [0, 1, 2, 3])
+    columns = reopened.read_stream(uid, "primary", ["frames", "exposure", *SOURCE_KEYS])
+    assert_same_array(columns["frames"], frames)
+    assert_same_array(columns["exposure"], exposure)
+    assert_sources(columns, [path] * 4, [0, 1, 2, 3])
     assert_input_files(run, [path])  # one file, recorded once
 
 
@@ -213,15 +219,19 @@ def test_csv_table(store: AnalysisStore, reopened: AnalysisStore, tmp_path: Path
     assert run.start["operator"] == "ada"
     assert run.start["parent_uids"] == ["raw-run-uid"]
     assert list(run) == ["peak_fits_v2"]  # the file's stem, made a valid name
-    table = run["peak_fits_v2"]
-    assert_same_array(table["sample"].read(), np.array(["Si", "LaB6 std", ""]))
-    assert_same_array(table["counts"].read(), np.array([12, -3, 7], dtype=np.int64))
-    assert_same_array(table["intensity_a_u"].read(), np.array([1.5, np.nan, 2000.0]))
-    assert_same_array(table["time_"].read(), np.array([0.25, 0.5, 1.0]))  # 'time' is reserved
-    assert_same_array(table["column_2theta"].read(), np.array([28.4, 30.0, 31.25]))
+    table = reopened.read_stream(
+        uid,
+        "peak_fits_v2",
+        ["sample", "counts", "intensity_a_u", "time_", "column_2theta", "scan", *SOURCE_KEYS],
+    )
+    assert_same_array(table["sample"], np.array(["Si", "LaB6 std", ""]))
+    assert_same_array(table["counts"], np.array([12, -3, 7], dtype=np.int64))
+    assert_same_array(table["intensity_a_u"], np.array([1.5, np.nan, 2000.0]))
+    assert_same_array(table["time_"], np.array([0.25, 0.5, 1.0]))  # 'time' is reserved
+    assert_same_array(table["column_2theta"], np.array([28.4, 30.0, 31.25]))
     # Identifiers that Python's int() would take ("2023_01" is 202301 to it) stay strings.
-    assert_same_array(table["scan"].read(), np.array(["2023_01", "2023_02", "17"]))
-    assert_sources(run, "peak_fits_v2", [path] * 3, [0, 1, 2])
+    assert_same_array(table["scan"], np.array(["2023_01", "2023_02", "17"]))
+    assert_sources(table, [path] * 3, [0, 1, 2])
     assert_input_files(run, [path])
 
 
@@ -248,13 +258,13 @@ def test_folder_of_tiffs_and_a_table(
     in_order = [folder / name for name in ("a.tif", "b.tif", "c.tif", "log.csv")]
     assert_input_files(run, in_order)  # sorted by name; .txt and the subfolder left out
     assert sorted(run) == ["log", "primary"]
-    assert_same_array(
-        run["primary"]["image"].read(), np.stack([images["a"], images["b"], images["c"]])
-    )
-    assert_sources(run, "primary", in_order[:3], [0, 0, 0])
-    assert_same_array(run["log"]["step"].read(), np.array([1, 2], dtype=np.int64))
-    assert_same_array(run["log"]["temperature"].read(), np.array([300.5, 301.0]))
-    assert_sources(run, "log", [in_order[3]] * 2, [0, 1])
+    primary = reopened.read_stream(uid, "primary", ["image", *SOURCE_KEYS])
+    assert_same_array(primary["image"], np.stack([images["a"], images["b"], images["c"]]))
+    assert_sources(primary, in_order[:3], [0, 0, 0])
+    log = reopened.read_stream(uid, "log", ["step", "temperature", *SOURCE_KEYS])
+    assert_same_array(log["step"], np.array([1, 2], dtype=np.int64))
+    assert_same_array(log["temperature"], np.array([300.5, 301.0]))
+    assert_sources(log, [in_order[3]] * 2, [0, 1])
     # One INFO line per file read.
     read_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read ")]
     assert [line.split(":")[0] for line in read_lines] == [f"read {p}" for p in in_order]

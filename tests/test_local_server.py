@@ -85,9 +85,9 @@ def test_open_starts_a_server_that_other_processes_reuse(served: AnalysisStore, 
 def test_what_the_server_saved_reads_back_in_process(served: AnalysisStore, folder: Path):
     uid = _save(served, 2.5)
     in_process = AnalysisStore.open(folder, served=False)
-    run = in_process[uid]
-    assert run["primary"]["x"].read().tolist() == [2.5]
-    assert np.array_equal(run["primary"]["image"].read()[0], np.full((4, 4), 2.5))
+    primary = in_process.read_stream(uid, "primary", ["x", "image"])
+    assert primary["x"].tolist() == [2.5]
+    assert np.array_equal(primary["image"][0], np.full((4, 4), 2.5))
     assert served[uid]["primary"]["x"].read().tolist() == [2.5]
 
 

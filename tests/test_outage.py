@@ -45,11 +45,11 @@ def assert_every_event_once_and_aligned(
 ) -> None:
     """``events`` derived events were computed: each is in the store once, in its row."""
     run = store[child_uid]
-    primary = run["primary"]
-    parent_seq = primary["parent_seq_num"].read()
+    primary = store.read_stream(child_uid, "primary", ["parent_seq_num", "y", "frame"])
+    parent_seq = primary["parent_seq_num"]
     np.testing.assert_array_equal(parent_seq, np.arange(1, events + 1))
-    np.testing.assert_array_equal(primary["y"].read(), parent_seq.astype(float))
-    frames = primary["frame"].read()
+    np.testing.assert_array_equal(primary["y"], parent_seq.astype(float))
+    frames = primary["frame"]
     assert frames.shape == (events, 16, 16)
     for i, n in enumerate(parent_seq):
         assert (frames[i] == n).all(), f"row {i}: the frame of raw event {frames[i, 0, 0]}"

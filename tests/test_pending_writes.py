@@ -94,8 +94,9 @@ def test_documents_kept_at_exit_are_written_before_the_interpreter_ends(
     run = store[_said(lines, "uid")]
     assert run.metadata["stop"]["exit_status"] == "success"
     assert run.metadata["stop"]["num_events"] == {"primary": 7}
-    np.testing.assert_allclose(run["primary"]["motor"].read(), np.linspace(-1, 1, 7))
-    frames = run["primary"]["cam"].read()
+    primary = store.read_stream(run.start["uid"], "primary", ["motor", "cam"])
+    np.testing.assert_allclose(primary["motor"], np.linspace(-1, 1, 7))
+    frames = primary["cam"]
     assert frames.shape == (7, 6, 5)
 
 

@@ -309,8 +309,9 @@ def complete_child(store: AnalysisStore, raw_uid: str, worker: Process) -> Any:
         time.sleep(0.3)
 
 
-def check_child(child: Any, scan: Scan) -> None:
-    """Provenance names the raw run and the reducers; values are theirs, of the raw frames."""
+def check_child(store: AnalysisStore, child: Any, scan: Scan) -> None:
+    """Provenance names the raw run and the reducers; values are theirs, of the raw frames.
+    ``child`` is a run of ``store``, whose primary stream is read in one ``read_stream``."""
     start = child.start
     assert start["parent_uids"] == [scan.uid]
     assert [code["name"] for code in start["provenance"]["code"]] == [
@@ -319,13 +320,15 @@ def check_child(child: Any, scan: Scan) -> None:
         "_remote_reducers:frame_normalised",
     ]
     assert child.stop["exit_status"] == "success"
-    primary = child["primary"]
+    primary = store.read_stream(
+        start["uid"], "primary", ["total", "peak", "motor_plus_one", "normalised"]
+    )
     frames = [spot_image(position, FRAME_SHAPE).astype(np.float64) for position in scan.positions]
     assert len(frames) == 3
-    np.testing.assert_array_equal(primary["total"].read(), [frame.sum() for frame in frames])
-    np.testing.assert_array_equal(primary["peak"].read(), [frame.max() for frame in frames])
-    np.testing.assert_array_equal(primary["motor_plus_one"].read(), np.array(scan.positions) + 1.0)
-    normalised = primary["normalised"].read()
+    np.testing.assert_array_equal(primary["total"], [frame.sum() for frame in frames])
+    np.testing.assert_array_equal(primary["peak"], [frame.max() for frame in frames])
+    np.testing.assert_array_equal(primary["motor_plus_one"], np.array(scan.positions) + 1.0)
+    normalised = primary["normalised"]
     assert normalised.dtype == np.float32
     expected = [frame.astype(np.float32) / np.float32(frame.max()) for frame in frames]
     np.testing.assert_array_equal(normalised, expected)
@@ -344,7 +347,7 @@ def test_scans_published_after_the_worker_started_get_child_runs(
     session: dict[str, Any], reader: AnalysisStore, first_scan: Scan
 ) -> None:
     child = complete_child(reader, first_scan.uid, session["worker"])
-    check_child(child, first_scan)
+    check_child(reader, child, first_scan)
 
 
 @pytest.mark.slow
@@ -401,7 +404,7 @@ def test_malformed_and_pickled_messages_are_skipped(
     assert "a document is a map, not a list" in logged
     assert worker.process.poll() is None
     scan = Scan(session["publisher"], "scan 3")  # the worker goes on
-    check_child(complete_child(reader, scan.uid, worker), scan)
+    check_child(reader, complete_child(reader, scan.uid, worker), scan)
 
 
 @pytest.mark.slow
@@ -417,7 +420,7 @@ def test_a_new_publisher_is_reduced_by_the_same_worker(
     session["publisher"] = new
     connected(publisher_ping(new), worker)
     scan = Scan(new, "scan 3")
-    check_child(complete_child(reader, scan.uid, worker), scan)
+    check_child(reader, complete_child(reader, scan.uid, worker), scan)
     assert worker.process.poll() is None
 
 
@@ -473,7 +476,7 @@ def test_children_are_complete_after_a_server_restart(
         assert "NOT SAVED" in worker.wait_for(f"(raw {scan.uid[:8]})", stream="stderr")
         server.start()
         store = AnalysisStore.from_uri(server.uri, API_KEY)
-        check_child(complete_child(store, scan.uid, worker), scan)
+        check_child(store, complete_child(store, scan.uid, worker), scan)
     finally:
         worker.process.send_signal(2)  # SIGINT: it closes and exits 0
         try:

@@ -85,6 +85,7 @@ def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor
         "summary": ["seq_num", "summed"],
     }
     assert sorted(live) == sorted(offline) == sorted(expected)
+    offline_read: dict[str, dict[str, np.ndarray]] = {}  # stream -> key -> values
     for stream, keys in expected.items():
         assert data_columns(live, stream) == data_columns(offline, stream) == keys
         # The frame-valued keys went to files, identically described in both children.
@@ -92,7 +93,7 @@ def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor
         offline_keys = offline[stream].descriptors[0]["data_keys"]
         assert live_keys == offline_keys
         live_columns = store.read_stream(live_uid, stream, keys)
-        offline_columns = store.read_stream(offline_uid, stream, keys)
+        offline_columns = offline_read[stream] = store.read_stream(offline_uid, stream, keys)
         for key in keys:
             assert_same_array(live_columns[key], offline_columns[key], f"{stream}/{key}")
     files = (("primary", "normalised"), ("primary", "corrected"), ("primary", "row_sums"),
@@ -102,21 +103,20 @@ def test_live_and_reprocessed_children_hold_identical_data(RE, store, cam, motor
     assert files_of(store, offline_uid), "the offline child wrote no files of its own"
 
     # Both hold the right numbers, not merely the same ones.
-    raw = store[raw_uid]
-    raw_frames = raw["primary"]["cam"].read()
+    # (The offline child's values as read above, each key's every event.)
+    primary, summary = offline_read["primary"], offline_read["summary"]
+    raw_frames = store.read_stream(raw_uid, "primary", ["cam"])["cam"]
     assert raw_frames.dtype == np.uint16  # as the camera took them
-    assert_same_array(offline["primary"]["row_sums"].read(), raw_frames.sum(axis=2), "row_sums")
+    assert_same_array(primary["row_sums"], raw_frames.sum(axis=2), "row_sums")
     frames = np.asarray(raw_frames, dtype=np.float32)
-    darks = np.asarray(raw["dark"]["cam"].read(), dtype=np.float32)
+    darks = np.asarray(store.read_stream(raw_uid, "dark", ["cam"])["cam"], dtype=np.float32)
     assert frames.shape == (5, 32, 32) and darks.shape == (2, 32, 32)
     assert not np.array_equal(darks[0], darks[1])
     corrected = frames - darks[[0, 0, 0, 1, 1]]
-    np.testing.assert_array_equal(offline["primary"]["corrected"].read(), corrected)
-    np.testing.assert_array_equal(
-        offline["primary"]["total"].read(), frames.sum(axis=(1, 2), dtype=np.float64)
-    )
-    np.testing.assert_array_equal(offline["summary"]["summed"].read()[0], corrected.sum(axis=0))
-    assert offline["primary"]["parent_seq_num"].read().tolist() == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(primary["corrected"], corrected)
+    np.testing.assert_array_equal(primary["total"], frames.sum(axis=(1, 2), dtype=np.float64))
+    np.testing.assert_array_equal(summary["summed"][0], corrected.sum(axis=0))
+    assert primary["parent_seq_num"].tolist() == [1, 2, 3, 4, 5]
 
 
 # --- 2. a batch with one corrupt run -------------------------------------------------------

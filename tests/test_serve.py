@@ -104,9 +104,11 @@ def test_arrays_in_files_and_inline_read_back_equal(fmt_name: str, served: Serve
     )
     if fmt_name != "inline":
         assert files_under(served.assets / uid)
-    run = fresh_reader(served)[uid]
-    assert_same_array(run["primary"]["img"].read(), np.stack(frames))
-    np.testing.assert_array_equal(run["primary"]["n"].read(), [0, 1, 2])
+    reader = fresh_reader(served)
+    run = reader[uid]
+    primary = reader.read_stream(uid, "primary", ["img", "n"])
+    assert_same_array(primary["img"], np.stack(frames))
+    np.testing.assert_array_equal(primary["n"], [0, 1, 2])
     assert run.start["format"] == fmt_name
     assert run.stop["num_events"] == {"primary": 3}
 
@@ -154,17 +156,17 @@ def test_four_writer_processes_at_once_each_run_complete_and_its_own(
         writers.kill()
         callback.close(timeout=60)
     assert writers.returncode == 0, stderr
-    (live_child,) = fresh_reader(served).children(live_raw)
-    live = fresh_reader(served)[live_child]
-    assert live.stop["num_events"] == {"primary": 10}
-    assert live["primary"]["parent_seq_num"].read().tolist() == list(range(1, 11))
+    reader = fresh_reader(served)
+    (live_child,) = reader.children(live_raw)
+    assert reader[live_child].stop["num_events"] == {"primary": 10}
+    live = reader.read_stream(live_child, "primary", ["parent_seq_num", "total"])
+    assert live["parent_seq_num"].tolist() == list(range(1, 11))
     expected = [10.0 * det.read()["det"]["value"]] * 10
-    np.testing.assert_allclose(live["primary"]["total"].read(), expected)
+    np.testing.assert_allclose(live["total"], expected)
     outcome = {int(writer): result for writer, result in json.loads(stdout).items()}
     assert sorted(outcome) == list(range(WRITERS))
     assert len({result["pid"] for result in outcome.values()}) == WRITERS
 
-    reader = fresh_reader(served)
     all_uids = [uid for result in outcome.values() for uid in result["uids"]]
     assert len(set(all_uids)) == WRITERS * RUNS_PER_WRITER
     assert sorted(reader.children(parent)) == sorted(all_uids)
@@ -175,10 +177,10 @@ def test_four_writer_processes_at_once_each_run_complete_and_its_own(
             assert run.stop["exit_status"] == "success"
             assert run.stop["num_events"] == {"primary": EVENTS}
             expected = [values(writer, run_number, event) for event in range(EVENTS)]
-            primary = run["primary"]
+            primary = reader.read_stream(uid, "primary", ["frame", "inline", "tag"])
             for key in ("frame", "inline", "tag"):
                 assert_same_array(
-                    primary[key].read(), np.stack([e[key] for e in expected]), f"{uid} {key}"
+                    primary[key], np.stack([e[key] for e in expected]), f"{uid} {key}"
                 )
 
 
@@ -201,11 +203,12 @@ def test_a_live_callback_saves_through_serve_from_its_worker_process(
         (raw_uid,) = RE(count([det], num=4))
     finally:
         callback.close(timeout=60)
-    (child_uid,) = fresh_reader(served).children(raw_uid)
-    child = fresh_reader(served)[child_uid]
-    assert child.stop["reduction"]["events_reduced"] == 4
+    reader = fresh_reader(served)
+    (child_uid,) = reader.children(raw_uid)
+    assert reader[child_uid].stop["reduction"]["events_reduced"] == 4
     np.testing.assert_allclose(
-        child["primary"]["total"].read(), [10.0 * det.read()["det"]["value"]] * 4
+        reader.read_stream(child_uid, "primary", ["total"])["total"],
+        [10.0 * det.read()["det"]["value"]] * 4,
     )
 
 
@@ -466,7 +469,8 @@ def test_serve_over_an_embedded_folder_takes_turns_with_its_other_writers(
             for n, uid in enumerate(uids):
                 run = reader[uid]
                 assert (run.start["by"], run.start["n"]) == (name, n)
-                assert_same_array(run["primary"]["img"].read(), np.full((2, 3, 3), n, "int32"))
+                img = reader.read_stream(uid, "primary", ["img"])["img"]
+                assert_same_array(img, np.full((2, 3, 3), n, "int32"))
         assert (folder / "catalog.db").is_file()
     finally:
         status = server.stop(signal.SIGINT)

@@ -110,10 +110,13 @@ def test_save_returns_the_uid_of_a_complete_run(
     assert uid in reader
     run = reader[uid]
     assert sorted(run) == ["baseline", "primary"]
-    assert_same_array(run["primary"]["img"].read(), np.stack(images))
-    np.testing.assert_array_equal(run["primary"]["x"].read(), [0.0, 0.5, 1.0])
-    assert list(run["primary"]["label"].read()) == ["p0", "p1", "p2"]
-    np.testing.assert_array_equal(run["baseline"]["temperature"].read(), [293.5])
+    primary = reader.read_stream(uid, "primary", ["img", "x", "label"])
+    assert_same_array(primary["img"], np.stack(images))
+    np.testing.assert_array_equal(primary["x"], [0.0, 0.5, 1.0])
+    assert list(primary["label"]) == ["p0", "p1", "p2"]
+    np.testing.assert_array_equal(
+        reader.read_stream(uid, "baseline", ["temperature"])["temperature"], [293.5]
+    )
     assert run.start["sample"] == "Si" and run.start["nested"] == {"a": [1, 2]}
     assert run.start["parent_uids"] == [PARENT_UID]
     assert run.start["provenance"]["code"][0]["distribution"] == "numpy"
@@ -139,9 +142,9 @@ def test_inline_arrays_are_saved_and_read_back(
         None,  # no writers: the arrays stay inline in the events
         **PROVENANCE,
     )
-    run = reader[uid]
-    assert_same_array(run["primary"]["pattern"].read(), np.stack(patterns))
-    np.testing.assert_array_equal(run["primary"]["hkl"].read(), [[1, 1, 0], [1, 1, 1], [1, 1, 2]])
+    primary = reader.read_stream(uid, "primary", ["pattern", "hkl"])
+    assert_same_array(primary["pattern"], np.stack(patterns))
+    np.testing.assert_array_equal(primary["hkl"], [[1, 1, 0], [1, 1, 1], [1, 1, 2]])
 
 
 def test_read_stream_gives_each_keys_values_in_fewer_requests(
@@ -192,11 +195,13 @@ def test_the_store_as_a_document_callback(
     )
     for name, doc in documents:
         shared_store(name, doc)
-    run = reader[documents[0][1]["uid"]]
+    uid = documents[0][1]["uid"]
+    run = reader[uid]
     assert run.start["via"] == "callback"
-    assert_same_array(run["primary"]["img"].read(), np.stack(images))
-    assert_same_array(run["primary"]["pattern"].read(), np.stack(patterns))
-    np.testing.assert_array_equal(run["primary"]["n"].read(), [0, 1])
+    primary = reader.read_stream(uid, "primary", ["img", "pattern", "n"])
+    assert_same_array(primary["img"], np.stack(images))
+    assert_same_array(primary["pattern"], np.stack(patterns))
+    np.testing.assert_array_equal(primary["n"], [0, 1])
     assert run.stop["num_events"] == {"primary": 2}
 
 
@@ -446,6 +451,8 @@ def test_an_inline_array_changed_after_saving_keeps_its_saved_values(tmp_path: P
         event["data"]["x"] = -1.0
     store(*documents[-1])
 
-    run = AnalysisStore.open(tmp_path / "store")[documents[0][1]["uid"]]
-    np.testing.assert_array_equal(run["primary"]["arr"].read(), [[0.0, 1.0, 2.0], [10, 11, 12]])
-    assert run["primary"]["x"].read().tolist() == [0.0, 1.0]
+    primary = AnalysisStore.open(tmp_path / "store").read_stream(
+        documents[0][1]["uid"], "primary", ["arr", "x"]
+    )
+    np.testing.assert_array_equal(primary["arr"], [[0.0, 1.0, 2.0], [10, 11, 12]])
+    assert primary["x"].tolist() == [0.0, 1.0]

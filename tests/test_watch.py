@@ -76,9 +76,9 @@ def test_watch_sees_a_live_scans_derived_events_within_a_second(watched, RE):  #
     assert records[0]["start"]["parent_uids"] == raw
     events = [r for r in records if r["type"] == "SavedEvent"]
     assert [e["seq_num"] for e in events] == list(range(1, POINTS + 1))
-    saved = watched[child_uid]["primary"]
-    assert [e["data"]["total"] for e in events] == saved["total"].read().tolist()
-    assert [e["data"]["shifted"] for e in events] == saved["shifted"].read().tolist()
+    saved = watched.read_stream(child_uid, "primary", ["total", "shifted"])
+    assert [e["data"]["total"] for e in events] == saved["total"].tolist()
+    assert [e["data"]["shifted"] for e in events] == saved["shifted"].tolist()
     # Seen within a second of the server writing it (the server's clock is this machine's).
     latencies = [e["received"] - e["saved"] for e in events]
     assert max(latencies) <= 1.0, latencies

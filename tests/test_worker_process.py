@@ -130,8 +130,9 @@ def test_a_reducer_defined_in_a_script_runs_in_the_worker_without_rerunning_the_
     store = AnalysisStore.open(tmp_path / "store")
     (child_uid,) = store.children(raw_uid)
     child = store[child_uid]
-    np.testing.assert_allclose(child["primary"]["offset"].read(), [float(value) + 3.0] * 3)
-    assert child["primary"]["profile"].read().shape == (3, 5)
+    primary = store.read_stream(child_uid, "primary", ["offset", "profile"])
+    np.testing.assert_allclose(primary["offset"], [float(value) + 3.0] * 3)
+    assert primary["profile"].shape == (3, 5)
     (code,) = child.start["provenance"]["code"]
     assert code["name"] == "__main__:offset_and_profile"
 
