@@ -212,7 +212,8 @@ def test_show_plot_and_export_of_tables(shared_store, tmp_path, capsys):
 
     assert main(["show", uid, *store]) == 0
     shown = capsys.readouterr().out
-    assert "spectrum  shape (3, None)  dtype table(energy float64, mu float32, counts int16" in shown
+    described = "spectrum  shape (3, None)  dtype table(energy float64, mu float32, counts int16"
+    assert described in shown
     assert "peaks     shape (3, None)  dtype float64, variable length" in shown
 
     assert main(["plot", uid, "spectrum", "-o", str(tmp_path / "p.png"), *store]) == 2
