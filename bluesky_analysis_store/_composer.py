@@ -48,6 +48,7 @@ from ._table_values import (
     is_ragged_key,
     is_table_key,
     normalise_event_value,
+    widen_table_key,
 )
 from ._writer_specs import PlannedFile, WriterSpec, ensure_writable_root, resolve_writers
 
@@ -635,7 +636,7 @@ def _merge_planned(
                 f"table {key!r} changes its columns within a stream: "
                 f"{[c[0] for c in known['dtype_numpy']]} then {[c[0] for c in new['dtype_numpy']]}"
             )
-        return dict(known)  # the dtypes of later tables are conformed to the first's
+        return widen_table_key(key, known, new)  # every table is then conformed to it
     ragged_allowed = spec is None or spec.spec == TABLE_SPEC
     shapes = (list(known["shape"]), list(new["shape"]))
     if spec is not None and spec.spec == TABLE_SPEC and any(len(s) != 1 for s in shapes):

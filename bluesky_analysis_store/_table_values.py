@@ -225,3 +225,21 @@ def conform_ragged(key: str, value: np.ndarray, declared: Mapping[str, Any]) -> 
     """A variable-length value in its stream's dtype (refused unless kept exactly)."""
     value = normalise_ragged(key, value)
     return np.asarray(conform_value(key, value, declared))
+
+
+def widen_table_key(key: str, known: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The data key of a table key admitting ``known``'s tables and ``new``'s: the same
+    columns, each numeric column in a dtype holding both (as inline numbers widen; each
+    value must then be kept exactly, see :func:`conform_table`)."""
+    columns = []
+    for (name, old), (_, given) in zip(known["dtype_numpy"], new["dtype_numpy"], strict=True):
+        if old == given:
+            columns.append([name, old])
+        elif STRING_DTYPE in (old, given) or "M" in (np.dtype(old).kind, np.dtype(given).kind):
+            raise DataValueError(
+                f"column {name!r} of table {key!r} changes its type within a stream: "
+                f"{old} then {given}"
+            )
+        else:
+            columns.append([name, np.result_type(np.dtype(old), np.dtype(given)).str])
+    return {**known, "dtype_numpy": columns}

@@ -234,3 +234,15 @@ def test_show_plot_and_export_of_tables(shared_store, tmp_path, capsys):
                  *store]) == 0  # fmt: skip
     with np.load(tmp_path / "crate" / "primary.npz") as arrays:
         assert arrays["spectrum.edge"].tolist() == [e for t in tables for e in t["edge"]]
+
+
+def test_a_numeric_column_widens_across_events_where_the_cast_is_exact(shared_store):
+    first = pd.DataFrame({"n": np.array([1, 2], dtype="i2"), "tag": ["a", "b"]})
+    second = pd.DataFrame({"n": np.array([2.5, 4.0]), "tag": ["c", "d"]})
+    uid = shared_store.save([{"p": {"t": first}}, {"p": {"t": second}}], {}, **PROVENANCE)
+    table = shared_store.read_stream(uid, "p")["t"]
+    assert table["n"].dtype == np.float64
+    assert table["n"].tolist() == [1.0, 2.0, 2.5, 4.0]
+    strings = pd.DataFrame({"n": ["1", "2"], "tag": ["a", "b"]})
+    with pytest.raises(DataValueError, match="changes its type"):
+        shared_store.save([{"p": {"t": first}}, {"p": {"t": strings}}], {}, **PROVENANCE)
