@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ def deliver_documents(store: Any, documents: list[Document]) -> Any:
             writer(name, doc)
     writer.flush()
     if stop is not None:
-        _write_stop(store, writer, uid, counts, stop)
+        _write_stop(store, writer, uid, counts, stop, documents[0][1])
     return writer
 
 
@@ -191,7 +191,14 @@ def _has_stop(client: Any, uid: str, stop_uid: str) -> bool:
     return stored.get("uid") == stop_uid
 
 
-def _write_stop(store: Any, writer: Any, uid: str, counts: Counts, stop: dict[str, Any]) -> None:
+def _write_stop(
+    store: Any,
+    writer: Any,
+    uid: str,
+    counts: Counts,
+    stop: dict[str, Any],
+    start: Mapping[str, Any] | None,
+) -> None:
     writer.flush()
     mismatch = stored_counts_match(store.catalog, uid, counts)
     if mismatch is not None:
@@ -202,7 +209,9 @@ def _write_stop(store: Any, writer: Any, uid: str, counts: Counts, stop: dict[st
     # the start document keeps the same facts).
     from ._provenance_graph import write_provenance_links
 
-    write_provenance_links(store.catalog, uid, store.catalog[uid].metadata.get("start") or {})
+    if start is None:  # not in hand: the start as the store keeps it
+        start = store.catalog[uid].metadata.get("start") or {}
+    write_provenance_links(store.catalog, uid, start)
 
 
 # --- the live delivery thread -------------------------------------------------------------
@@ -219,6 +228,7 @@ class _Run:
     retry_at: float = 0.0
     stopped: bool = False  # the stop is journaled and on disk
     done: bool = False
+    start: dict[str, Any] | None = None  # its start document, once delivered
     on_settled: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -424,10 +434,12 @@ class Delivery:
                         self.store.catalog, flush_interval=None, seal=True
                     )
                 if name == "stop":
-                    _write_stop(self.store, run.writer, uid, run.counts, doc)
+                    _write_stop(self.store, run.writer, uid, run.counts, doc, run.start)
                 else:
                     run.writer(name, doc)
                     run.counts.add(name, doc)
+                    if name == "start":
+                        run.start = doc
             run.delivered = index + 1
         except Exception as error:
             self._taint(run, error)
