@@ -410,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=FORMAT",
         type=key_format,
         action="append",
-        help="write derived key KEY in FORMAT (HDF5, TIFF, NPY, any registered format, or "
-        "'inline' for the event table); arrays default to HDF5; repeat for more keys",
+        help="write derived key KEY in FORMAT (HDF5, TIFF, NPY, PARQUET for 1-D arrays of "
+        "any length, any registered format, or 'inline' for the event table); arrays "
+        "default to HDF5, tables to PARQUET; repeat for more keys",
     )
     reprocess.add_argument(
         "--force",

@@ -17,7 +17,6 @@ handler gives the columns back under their own names, without ``seq_num``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -34,7 +33,6 @@ __all__ = [
     "ParquetTableHandler",
     "ParquetTableWriter",
     "arrow_schema",
-    "file_columns",
     "to_dataframe",
 ]
 
@@ -43,16 +41,10 @@ SEQ_NUM_COLUMN = "seq_num"
 # The dtype a string column is described with: numpy has none for strings of any length,
 # and event-model's pattern wants an item size.
 STRING_DTYPE = "|O8"
-_FRAME = re.compile(r"[0-9]{6,}\.parquet")
 
 
 def _frame_name(index: int) -> str:
     return f"{index:06d}.parquet"
-
-
-def file_columns(key: str, columns: Sequence[Sequence[str]]) -> list[str]:
-    """The names of the columns in the files (and in tiled): ``seq_num`` first."""
-    return [f"{key}.{SEQ_NUM_COLUMN}", *(f"{key}.{name}" for name, _ in columns)]
 
 
 def arrow_schema(key: str, columns: Sequence[Sequence[str]]) -> Any:
