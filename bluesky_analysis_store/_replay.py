@@ -176,6 +176,13 @@ def events_of_value_table(table: Any, key: str, data_key: dict[str, Any]) -> Any
     frame = to_dataframe(read_arrow_table(table.context, table.item, None))
     prefix = f"{key}."
     frame.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in frame.columns]
+    if SEQ_NUM_COLUMN not in frame.columns:
+        from ._errors import AnalysisStoreError
+
+        raise AnalysisStoreError(
+            f"the table of {key!r} has no {key}.{SEQ_NUM_COLUMN} column giving its rows their "
+            "events: it was not written by this package"
+        )
     groups = {int(n): rows for n, rows in frame.groupby(SEQ_NUM_COLUMN, sort=False)}
     empty = frame.iloc[0:0]
 

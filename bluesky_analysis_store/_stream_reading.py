@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import AnalysisStoreError
+
 __all__ = ["NOT_DATA_KEYS", "StreamReader", "read_arrow_table", "read_table_columns"]
 
 # Columns every stream has that are not data keys of its descriptor.
@@ -134,6 +136,11 @@ class StreamReader:
         prefix = f"{key}."
         table.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in table.columns]
         table = table.reset_index(drop=True)
+        if SEQ_NUM_COLUMN not in table.columns:  # the catalog's word is not taken for it
+            raise AnalysisStoreError(
+                f"the table of {key!r} in stream {self.name!r} has no {key}.{SEQ_NUM_COLUMN} "
+                "column giving its rows their events: it was not written by this package"
+            )
         if isinstance(self.data_key(key).get("dtype_numpy"), list):
             return table
         # Variable-length: the rows of each event, in event order (none for an empty one).

@@ -86,6 +86,10 @@ class FlushingTiledWriter:
         with self._lock:
             self._defer_closing = not close_streams
             try:
+                if name == "stop" and (run_writer := self._run_writers.get(doc["run_start"])):
+                    # The plugin's stop combines the array patches of the stream datums it
+                    # holds, which fails for a table (it has none): they are written first.
+                    _flush_run_writer(run_writer)
                 if not self._shortcut.route(name, doc):
                     self._router(name, doc)
                     self._shortcut.learn(name, doc)

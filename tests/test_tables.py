@@ -17,6 +17,7 @@ from bluesky.plans import scan
 from bluesky_analysis_store import (
     AnalysisStore,
     AnalysisStoreCallback,
+    AnalysisStoreError,
     DataKeyError,
     DataValueError,
     compose_documents,
@@ -246,3 +247,40 @@ def test_a_numeric_column_widens_across_events_where_the_cast_is_exact(shared_st
     strings = pd.DataFrame({"n": ["1", "2"], "tag": ["a", "b"]})
     with pytest.raises(DataValueError, match="changes its type"):
         shared_store.save([{"p": {"t": first}}, {"p": {"t": strings}}], {}, **PROVENANCE)
+
+
+def test_documents_of_tables_sent_to_the_store_one_by_one(shared_store, reader):
+    tables, peaks = spectra(2), peak_lists(2)
+    documents = list(
+        compose_documents(events(tables, peaks), {}, root=shared_store.asset_root, **PROVENANCE)
+    )
+    for name, doc in documents:  # the store as a document callback, as RE.subscribe(store)
+        shared_store(name, doc)
+    shared_store.flush()  # the documents the store holds are written: another reader sees them
+    assert_read_back(reader, documents[0][1]["uid"], tables, peaks)
+
+
+def test_a_table_without_its_seq_num_column_is_refused_when_read(shared_store):
+    """A run made by hand whose Parquet file lacks the column that gives rows their events."""
+    run = event_model.compose_run()
+    described = {"source": "x", "dtype": "array", "shape": [None],
+                 "dtype_numpy": [["a", "<f8"]], "external": "STREAM:"}  # fmt: skip
+    descriptor = run.compose_descriptor(name="primary", data_keys={"t": described})
+    folder = Path(shared_store.asset_root) / run.start_doc["uid"]
+    folder.mkdir()
+    pd.DataFrame({"t.a": [1.0, 2.0]}).to_parquet(folder / "000000.parquet", index=False)
+    resource = run.compose_stream_resource(
+        mimetype="application/x-parquet", uri=f"file://localhost{folder}/", data_key="t",
+        parameters={"key": "t", "columns": [["a", "<f8"]], "ragged": False},
+    )  # fmt: skip
+    datum = resource.compose_stream_datum(
+        indices={"start": 0, "stop": 1}, seq_nums={"start": 1, "stop": 2},
+        descriptor=descriptor.descriptor_doc,
+    )  # fmt: skip
+    for name, doc in [("start", run.start_doc), ("descriptor", descriptor.descriptor_doc),
+                      ("stream_resource", resource.stream_resource_doc), ("stream_datum", datum),
+                      ("event", descriptor.compose_event(data={}, timestamps={})),
+                      ("stop", run.compose_stop())]:  # fmt: skip
+        shared_store(name, doc)
+    with pytest.raises(AnalysisStoreError, match="has no t.seq_num column"):
+        shared_store.read_stream(run.start_doc["uid"])
