@@ -144,8 +144,9 @@ class StreamReader:
         if isinstance(self.data_key(key).get("dtype_numpy"), list):
             return table
         # Variable-length: the rows of each event, in event order (none for an empty one).
-        seq_nums = table[SEQ_NUM_COLUMN].to_numpy()
-        values = table[RAGGED_COLUMN].to_numpy()
+        order = np.argsort(table[SEQ_NUM_COLUMN].to_numpy(), kind="stable")  # as written
+        seq_nums = table[SEQ_NUM_COLUMN].to_numpy()[order]
+        values = table[RAGGED_COLUMN].to_numpy()[order]
         events = self.seq_nums(0) if "seq_num" in self._table_of else np.unique(seq_nums)
         starts = np.searchsorted(seq_nums, events, side="left")
         stops = np.searchsorted(seq_nums, events, side="right")
