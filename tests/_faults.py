@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_serving(
+    process: subprocess.Popen[bytes], uri: str, log: Callable[[], str],
+    timeout: float = STARTUP_DEADLINE,
+) -> None:
+    """Wait for the tiled server ``process`` to answer at ``uri``; its ``log()`` in the
+    error if it exits or does not answer in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"tiled server exited:\n{log()}")
+        try:
+            if httpx.get(f"{uri}/api/v1/", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tiled server did not answer:\n{log()}")
+        time.sleep(0.2)
 
 
 class TiledServer:
@@ -56,18 +77,7 @@ class TiledServer:
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self._initialised = True
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tiled server exited:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.uri}/api/v1/", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tiled server did not answer:\n{self.log()}")
-            time.sleep(0.2)
+        wait_until_serving(self.process, self.uri, self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None:

@@ -13,11 +13,10 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from _faults import free_port
+from _faults import free_port, wait_until_serving
 
 PASSWORDS = {"beamline": "beamline-secret", "alice": "alice-secret", "bob": "bob-secret"}
 READ = ["read:metadata", "read:data"]
@@ -102,21 +101,7 @@ class TagPolicyServer:
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
-        self._wait()
-
-    def _wait(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tiled server exited:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.uri}/api/v1/", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tiled server did not answer:\n{self.log()}")
-            time.sleep(0.2)
+        wait_until_serving(self.process, self.uri, self.log)
 
     def api_key(self, user: str) -> str:
         """An API key of ``user``'s, made after logging in with the user's password."""
