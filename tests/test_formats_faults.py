@@ -35,6 +35,7 @@ from bluesky_analysis_store._writer_specs import resolve_writers
 from bluesky_analysis_store.formats import (
     HDF5_FORMAT,
     NPY_FORMAT,
+    PARQUET_FORMAT,
     TIFF_FORMAT,
     NPYSeriesWriter,
     RewindableWriter,
@@ -44,6 +45,10 @@ from bluesky_analysis_store.formats import (
 
 FORMATS = (HDF5_FORMAT, TIFF_FORMAT, NPY_FORMAT)
 FORMAT_IDS = [fmt.name for fmt in FORMATS]
+# The formats the killed-writer and full-disk cases run with: Parquet too, writing frames as
+# variable-length values (1-D, one file per event).
+FAULT_FORMATS = (*FORMATS, PARQUET_FORMAT)
+FAULT_FORMAT_IDS = [fmt.name for fmt in FAULT_FORMATS]
 
 # Frame ``i`` of the children: every value differs, so a partial or misplaced frame shows.
 FRAME = textwrap.dedent(
@@ -53,11 +58,22 @@ FRAME = textwrap.dedent(
     def frame(i, shape):
         size = int(np.prod(shape))
         return (np.arange(size, dtype="float64") + i * size).reshape(shape)
+
+    def value_of(fmt, i, shape):
+        # Frame i as fmt takes it: flat for Parquet (a variable-length value).
+        return frame(i, shape).ravel() if fmt.name == "PARQUET" else frame(i, shape)
+
+    def kwargs_of(fmt):
+        # The resource kwargs of key "img" of float64 frames in fmt.
+        described = {"dtype_numpy": "<f8", "shape": [None]}
+        return {**fmt.default_resource_kwargs, **fmt.key_resource_kwargs("img", described)}
     """
 )
 namespace: dict = {}
 exec(FRAME, namespace)  # the very definition the child processes run
 frame = namespace["frame"]
+value_of = namespace["value_of"]
+kwargs_of = namespace["kwargs_of"]
 
 CHILD_TIMEOUT = 120  # a hung child fails the test instead of hanging the suite
 
@@ -67,8 +83,8 @@ def full_path(fmt, folder: Path, stem: str = "run/primary/img") -> str:
 
 
 def frame_files(fmt, path: str) -> list[str]:
-    """The names of ``path``'s frame files (TIFF/NPY), temporary files left out."""
-    folder = path if fmt is TIFF_FORMAT else os.path.dirname(path)
+    """The names of ``path``'s frame files (TIFF/NPY/Parquet), temporary files left out."""
+    folder = path if fmt.suffix.endswith("/") else os.path.dirname(path)
     return sorted(name for name in os.listdir(folder) if not name.startswith("."))
 
 
@@ -575,9 +591,9 @@ WRITER = FRAME + textwrap.dedent(
 
     name, path, shape = sys.argv[1], sys.argv[2], (128, 128)
     fmt = formats[name]
-    writer = fmt.writer(path, **fmt.default_resource_kwargs)
+    writer = fmt.writer(path, **kwargs_of(fmt))
     for i in range(2000):
-        writer(frame(i, shape))
+        writer(value_of(fmt, i, shape))
         print(i, flush=True)
     """
 )
@@ -589,9 +605,9 @@ CHECK_AFTER_KILL = FRAME + textwrap.dedent(
 
     name, path, last, shape = sys.argv[1], sys.argv[2], int(sys.argv[3]), (128, 128)
     fmt = formats[name]
-    handler = fmt.handler(path, **fmt.default_resource_kwargs)
+    handler = fmt.handler(path, **kwargs_of(fmt))
     for i in range(last + 1):
-        assert np.array_equal(handler(index=i), frame(i, shape)), i
+        assert np.array_equal(handler(index=i), value_of(fmt, i, shape)), i
     if name == "HDF5":
         import h5py
         from tiled.adapters.hdf5 import HDF5ArrayAdapter
@@ -613,7 +629,7 @@ CHECK_AFTER_KILL = FRAME + textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("fmt", FAULT_FORMATS, ids=FAULT_FORMAT_IDS)
 def test_frames_survive_sigkill_of_the_writing_process(fmt, tmp_path: Path) -> None:
     path = full_path(fmt, tmp_path)
     child = subprocess.Popen(
@@ -640,18 +656,20 @@ def test_frames_survive_sigkill_of_the_writing_process(fmt, tmp_path: Path) -> N
     if fmt is not HDF5_FORMAT:
         # Under final names: exactly frames 0..n, each whole (read back above or here).
         names = frame_files(fmt, path)
-        handler = fmt.handler(path, **fmt.default_resource_kwargs)
+        handler = fmt.handler(path, **kwargs_of(fmt))
         assert len(names) >= returned + 1
         assert names == sorted(
             os.path.basename(_frame_name(fmt, path, i)) for i in range(len(names))
         )
         for i in range(len(names)):
-            assert_same_array(handler(index=i), frame(i, (128, 128)))
+            assert_same_array(handler(index=i), value_of(fmt, i, (128, 128)))
 
 
 def _frame_name(fmt, path: str, index: int) -> str:
     if fmt is TIFF_FORMAT:
         return os.path.join(path, fmt.default_resource_kwargs["template"].format(index))
+    if fmt is PARQUET_FORMAT:
+        return os.path.join(path, f"{index:06d}.parquet")
     return f"{path}_{index}.npy"
 
 
@@ -706,11 +724,11 @@ FILL_UP = FRAME + textwrap.dedent(
         _safe_writing.ensure_free_space = hdf5.ensure_free_space = lambda path, nbytes: None
     shape = (128, 128)  # 128 KiB a frame
     fmt = formats[name]
-    writer = fmt.writer(path, **fmt.default_resource_kwargs)
+    writer = fmt.writer(path, **kwargs_of(fmt))
     written = 0
     try:
         while written < 1000:
-            writer(frame(written, shape))
+            writer(value_of(fmt, written, shape))
             written += 1
     except DiskFullError as error:
         assert isinstance(error, OSError) and isinstance(error, AnalysisStoreError)
@@ -723,7 +741,7 @@ FILL_UP = FRAME + textwrap.dedent(
             assert file["data"].shape[0] == written, file["data"].shape
     os.remove(filler)
     for _ in range(3):
-        writer(frame(written, shape))
+        writer(value_of(fmt, written, shape))
         written += 1
     writer.close()
     print("done", written, flush=True)
@@ -733,7 +751,7 @@ FILL_UP = FRAME + textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("check", ["checked", "unchecked"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("fmt", FAULT_FORMATS, ids=FAULT_FORMAT_IDS)
 def test_a_full_disk_raises_a_clean_error_and_writing_continues_once_space_is_freed(
     fmt, check: str, full_disk: Path
 ) -> None:
@@ -757,9 +775,9 @@ def test_a_full_disk_raises_a_clean_error_and_writing_continues_once_space_is_fr
     assert path in lines["message"] and "bytes needed" in lines["message"]
     done = int(lines["done"])
     assert done == full_at + 3
-    handler = fmt.handler(path, **fmt.default_resource_kwargs)
+    handler = fmt.handler(path, **kwargs_of(fmt))
     for i in range(done):
-        assert_same_array(handler(index=i), frame(i, (128, 128)))
+        assert_same_array(handler(index=i), value_of(fmt, i, (128, 128)))
     if fmt is not HDF5_FORMAT:
         assert len(frame_files(fmt, path)) == done
         leftovers = [n for n in os.listdir(os.path.dirname(_frame_name(fmt, path, 0)))
