@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from _faults import API_KEY, CuttableProxy, TiledServer, record_outcome
 
@@ -29,12 +30,16 @@ DELIVERY_DEADLINE = 120.0  # seconds a delivery may take at most here, not a mea
 
 
 def derived_run(root: Path) -> list[tuple[str, dict]]:
-    """A child run of EVENTS events: a scalar ``y`` inline and a frame ``img`` in HDF5, both
-    telling which event they belong to (``img`` is all ``y``)."""
+    """A child run of EVENTS events: a variable-length ``peaks`` and a table ``spectrum``
+    (Parquet, written first), a scalar ``y`` inline and a frame ``img`` in HDF5, all telling
+    which event they belong to (``peaks`` holds i+1 values i, ``spectrum`` a column of i,
+    ``img`` is all ``y``)."""
     data_dicts = [
-        {"primary": {"y": float(i), "img": np.full((4, 3), i, dtype=np.float32)}}
+        {"primary": {"peaks": np.full(i + 1, float(i)),
+                     "spectrum": pd.DataFrame({"y": np.full(2, float(i))}),
+                     "y": float(i), "img": np.full((4, 3), i, dtype=np.float32)}}
         for i in range(EVENTS)
-    ]
+    ]  # fmt: skip
     return list(
         compose_documents(
             data_dicts, {"purpose": "delivery test"}, {"img": "HDF5"},
@@ -47,7 +52,7 @@ def assert_complete_and_aligned(store: AnalysisStore, uid: str, stop_uid: str) -
     run = store[uid]
     assert run.metadata["stop"]["uid"] == stop_uid
     assert run.metadata["stop"]["num_events"] == {"primary": EVENTS}
-    primary = store.read_stream(uid, "primary", ["seq_num", "y", "img"])
+    primary = store.read_stream(uid, "primary", ["seq_num", "y", "img", "peaks", "spectrum"])
     np.testing.assert_array_equal(primary["seq_num"], np.arange(1, EVENTS + 1))
     y = primary["y"]
     np.testing.assert_array_equal(y, np.arange(EVENTS, dtype=float))
@@ -55,6 +60,10 @@ def assert_complete_and_aligned(store: AnalysisStore, uid: str, stop_uid: str) -
     assert frames.shape == (EVENTS, 4, 3)
     for i in range(EVENTS):
         assert (frames[i] == y[i]).all(), f"frame {i} is not the frame of event {i}"
+    assert [peaks.tolist() for peaks in primary["peaks"]] == [[i] * (int(i) + 1) for i in y]
+    spectrum = primary["spectrum"]
+    assert spectrum["seq_num"].tolist() == [n for n in range(1, EVENTS + 1) for _ in (0, 1)]
+    assert spectrum["y"].tolist() == [i for i in y for _ in (0, 1)]
 
 
 # --- a real server behind a proxy ---------------------------------------------------------
