@@ -170,19 +170,10 @@ def _stream_events(
 def events_of_value_table(table: Any, key: str, data_key: dict[str, Any]) -> Any:
     """A function of ``seq_num`` giving that event's value of a table-valued key (a
     DataFrame) or a variable-length key (an array), read from its table node in one go."""
-    from ._stream_reading import read_arrow_table
-    from .formats.parquet import RAGGED_COLUMN, SEQ_NUM_COLUMN, to_dataframe
+    from ._stream_reading import read_value_table
+    from .formats.parquet import RAGGED_COLUMN, SEQ_NUM_COLUMN
 
-    frame = to_dataframe(read_arrow_table(table.context, table.item, None))
-    prefix = f"{key}."
-    frame.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in frame.columns]
-    if SEQ_NUM_COLUMN not in frame.columns:
-        from ._errors import AnalysisStoreError
-
-        raise AnalysisStoreError(
-            f"the table of {key!r} has no {key}.{SEQ_NUM_COLUMN} column giving its rows their "
-            "events: it was not written by this package"
-        )
+    frame = read_value_table(table.context, table.item, key)
     groups = {int(n): rows for n, rows in frame.groupby(SEQ_NUM_COLUMN, sort=False)}
     empty = frame.iloc[0:0]
 

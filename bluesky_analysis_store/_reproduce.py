@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -10,7 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -376,7 +375,7 @@ def reproduce(
         # Nothing is written: every value, tables too, stays in the events compared; the
         # keys saved as variable-length may change length in the re-run too.
         plan = ReductionPlan.build(reducers, default_format=None, table_format=None, strict=False)
-        plan = dataclasses.replace(plan, variable_length_keys=_variable_length_keys(child))
+        plan = replace(plan, variable_length_keys=_variable_length_keys(child))
         client = getattr(source if source is not None else store, "client", source)
         if progress is None:
             progress = sys.stderr.isatty()

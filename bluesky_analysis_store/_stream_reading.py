@@ -20,7 +20,13 @@ import numpy as np
 
 from ._errors import AnalysisStoreError
 
-__all__ = ["NOT_DATA_KEYS", "StreamReader", "read_arrow_table", "read_table_columns"]
+__all__ = [
+    "NOT_DATA_KEYS",
+    "StreamReader",
+    "read_arrow_table",
+    "read_table_columns",
+    "read_value_table",
+]
 
 # Columns every stream has that are not data keys of its descriptor.
 NOT_DATA_KEYS = frozenset({"seq_num", "time"})
@@ -129,18 +135,9 @@ class StreamReader:
         return [self._read[k] for k in keys]
 
     def _read_value_table(self, key: str) -> Any:
-        from .formats.parquet import RAGGED_COLUMN, SEQ_NUM_COLUMN, to_dataframe
+        from .formats.parquet import RAGGED_COLUMN, SEQ_NUM_COLUMN
 
-        item = self._value_tables[key]
-        table = to_dataframe(read_arrow_table(self._node.context, item, None))
-        prefix = f"{key}."
-        table.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in table.columns]
-        table = table.reset_index(drop=True)
-        if SEQ_NUM_COLUMN not in table.columns:  # the catalog's word is not taken for it
-            raise AnalysisStoreError(
-                f"the table of {key!r} in stream {self.name!r} has no {key}.{SEQ_NUM_COLUMN} "
-                "column giving its rows their events: it was not written by this package"
-            )
+        table = read_value_table(self._node.context, self._value_tables[key], key)
         if isinstance(self.data_key(key).get("dtype_numpy"), list):
             return table
         # Variable-length: the rows of each event, in event order (none for an empty one).
@@ -170,6 +167,23 @@ def read_table_columns(
     (dask.dataframe, pandas) takes a second, most of a plot's time on the command line."""
     table = read_arrow_table(context, item, columns)
     return {column: _column_values(table.column(column)) for column in columns}
+
+
+def read_value_table(context: Any, item: Mapping[str, Any], key: str) -> Any:
+    """The table node of a table-valued or variable-length ``key``, every event's rows, as
+    a DataFrame with the plain column names (``KEY.`` dropped) and ``seq_num``; refused if
+    it has no ``seq_num`` column (the catalog's word is not taken for what it holds)."""
+    from .formats.parquet import SEQ_NUM_COLUMN, to_dataframe
+
+    table = to_dataframe(read_arrow_table(context, item, None))
+    prefix = f"{key}."
+    table.columns = [c[len(prefix) :] if c.startswith(prefix) else c for c in table.columns]
+    if SEQ_NUM_COLUMN not in table.columns:
+        raise AnalysisStoreError(
+            f"the table of {key!r} has no {key}.{SEQ_NUM_COLUMN} column giving its rows their "
+            "events: it was not written by this package"
+        )
+    return table.reset_index(drop=True)
 
 
 def read_arrow_table(context: Any, item: Mapping[str, Any], columns: list[str] | None) -> Any:
