@@ -32,6 +32,7 @@ seconds (default 600), or when its socket is removed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -39,6 +40,7 @@ import os
 import select
 import selectors
 import signal
+import site
 import socket
 import struct
 import subprocess
@@ -92,6 +94,12 @@ def _code_digest() -> str:
             digest.update(f"{name}={metadata.version(name)}".encode())
         except metadata.PackageNotFoundError:
             pass
+    # A fork server knows which distribution provides each module from when it started
+    # (see _provenance.index_distributions): installing or removing a distribution
+    # changes its site-packages folder, and so the fork server.
+    for folder in [*site.getsitepackages(), site.getusersitepackages()]:
+        with contextlib.suppress(OSError):
+            digest.update(f"{folder}={os.stat(folder).st_mtime_ns}".encode())
     return digest.hexdigest()
 
 

@@ -662,8 +662,10 @@ def import_ahead() -> bool:
         except Exception:  # noqa: BLE001
             return False
     from ._filling import handler_registry
+    from ._provenance import index_distributions
 
     handler_registry()  # the handlers' entry points (databroker's import dask, h5py...)
+    index_distributions()  # for the first run's code records
     return True
 
 

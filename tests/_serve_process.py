@@ -7,14 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-from _faults import free_port
+from _faults import free_port, wait_until_serving
 
 API_KEY = "servetestkey0123"
-STARTUP_DEADLINE = 120.0  # seconds to wait for the server to answer, not a measured time
 
 
 class ServeProcess:
@@ -39,19 +36,12 @@ class ServeProcess:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=environment
             )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.uri}/api/v1/", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"serve did not answer:\n{self.log()}")
-            time.sleep(0.2)
+        try:
+            wait_until_serving(self.process, self.uri, self.log)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Stop the server with ``sig``; its exit status (None if it had to be killed)."""

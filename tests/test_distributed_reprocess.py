@@ -46,9 +46,9 @@ from bluesky_analysis_store.sim import spot_camera  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-RUNS = 10
-HELD_RUN = 4  # the run whose first attempt is killed with its worker
-KILL_AFTER = 3  # runs saved before the kill
+RUNS = 6
+HELD_RUN = 3  # the run whose first attempt is killed with its worker
+KILL_AFTER = 2  # runs saved before the kill
 REDUCERS = [scaled_total, row_sums, HoldOnce()]
 COLUMNS = ("total", "row_sums", "parent_seq_num")
 
@@ -85,7 +85,7 @@ def cluster(hold_folder: pathlib.Path) -> Iterator[Any]:
 def raw_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[AnalysisStore, list[str], list[str], DocumentRecorder]]:
-    """The source store, its 10 raw runs (one marked to be held), 4 more for the corrupt
+    """The source store, its RUNS raw runs (one marked to be held), 3 more for the corrupt
     batch, and every document the RunEngine emitted."""
     import asyncio
 
@@ -105,7 +105,7 @@ def raw_runs(
             motor.set(-4.0 + 0.2 * n)  # a frame of its own: runs cannot be mixed up unseen
             md = {HOLD_KEY: True} if n == HELD_RUN else {}
             batch += engine(count([cam], num=3), **md)
-        corrupt_batch = [engine(count([cam], num=3))[0] for _ in range(4)]
+        corrupt_batch = [engine(count([cam], num=3))[0] for _ in range(3)]
     finally:
         loop.call_soon_threadsafe(loop.stop)
         engine._th.join()
@@ -130,7 +130,7 @@ def kill_target(
     """Where the batch with a killed worker goes: a ``serve --database postgresql://...``
     server on a throwaway cluster, as a facility's shared store. (Many workers writing a
     folder through its local server are covered by the corrupt-run and command-line tests;
-    the 10-run batch is not repeated there, to keep the suite's time.)"""
+    the whole batch is not repeated there, to keep the suite's time.)"""
     from _serve_process import API_KEY, ServeProcess
 
     postgres = request.getfixturevalue("postgres")
@@ -149,7 +149,7 @@ def reference(
     -> child uid (their hold files are made first: nothing is held here)."""
     source, batch, _, _ = raw_runs
     store = AnalysisStore.open(tmp_path_factory.mktemp("reference-store"), served=False)
-    runs = [batch[HELD_RUN], *batch[:3], batch[-1]]
+    runs = [batch[HELD_RUN], batch[0], batch[-1]]
     for raw_uid in runs:
         pathlib.Path(hold_file(str(hold_folder), raw_uid)).touch()
     report = reprocess(source, runs, REDUCERS, store, progress=False)
@@ -310,9 +310,9 @@ def test_a_process_pool_gives_the_same_children_as_this_process(raw_runs, refere
     with concurrent.futures.ProcessPoolExecutor(
         2, mp_context=multiprocessing.get_context("spawn")
     ) as pool:
-        report = reprocess(source, batch[:6], REDUCERS, target, executor=pool, progress=False)
+        report = reprocess(source, batch[:4], REDUCERS, target, executor=pool, progress=False)
     assert report.failed == {}, str(report)
-    assert list(report.saved) == batch[:6]
+    assert list(report.saved) == batch[:4]
     assert_one_complete_child_each(target, report.saved)
     assert_same_children(target, report.saved, reference, source)
     assert journals_left(target) == []
