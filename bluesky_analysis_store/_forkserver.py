@@ -72,6 +72,7 @@ _CONNECT_TIMEOUT = 2.0
 _STATUS = struct.Struct("!q")  # a pid, then an exit status, each as 8 bytes
 _LENGTH = struct.Struct("!I")  # of the request that follows it
 _LONGEST_SOCKET_PATH = 100  # bytes; sun_path holds 108 with its final NUL
+_MARKED = "--marked"  # the starter made the .starting mark (see serve)
 _RETRY_FAILED_SECONDS = 300.0  # a fork server that could not start is not retried sooner
 # Environment variables read by the libraries a fork server imports, at import time.
 _IMPORT_TIME_PREFIXES = ("TILED_", "DASK_", "OMP_", "OPENBLAS_", "MKL_", "HDF5_")
@@ -289,7 +290,7 @@ def _start_fork_server(path: Path) -> None:
         return
     os.close(fd)
     subprocess.Popen(
-        [sys.executable, "-m", __name__, str(path)],
+        [sys.executable, "-m", __name__, str(path), _MARKED],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -299,8 +300,10 @@ def _start_fork_server(path: Path) -> None:
 
 
 def stop_fork_server(path: Path) -> None:
-    """Ask the fork server of ``path`` to end (its workers go on): its socket is removed."""
+    """Ask the fork server of ``path`` to end (its workers go on): its socket is removed,
+    and so is the mark of one still starting, which then ends instead of serving."""
     Path(path).unlink(missing_ok=True)
+    Path(path).with_suffix(".starting").unlink(missing_ok=True)
 
 
 def _mtime(path: Path) -> float:
@@ -362,12 +365,16 @@ def _preload() -> None:
     _local_server.import_ahead()
 
 
-def serve(path: Path) -> int:
-    """Run the fork server on the socket ``path`` until it has been idle long enough."""
+def serve(path: Path, *, marked: bool = False) -> int:
+    """Run the fork server on the socket ``path`` until it has been idle long enough;
+    ``marked``: started after making its ``.starting`` mark, whose removal before it serves
+    (:func:`stop_fork_server`) means it is not wanted any more."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     starting = path.with_suffix(".starting")
     try:
         _preload()
+        if marked and not starting.exists():
+            return 0  # stopped while it imported: stop_fork_server removed the mark
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staged = path.with_suffix(f".{os.getpid()}")
         staged.unlink(missing_ok=True)
@@ -514,7 +521,7 @@ def _reap(children: dict[int, socket.socket]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    return serve(Path(args[0]))
+    return serve(Path(args[0]), marked=_MARKED in args[1:])
 
 
 if __name__ == "__main__":

@@ -69,15 +69,12 @@ def hold_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Pa
 
 @pytest.fixture(scope="module")
 def cluster(hold_folder: pathlib.Path) -> Iterator[Any]:
-    """A Dask client of a 2-worker LocalCluster, as ``reprocess --workers 2`` makes it."""
-    from distributed import Client, LocalCluster
+    """A Dask client of a 2-worker LocalCluster, made as ``reprocess --workers 2`` makes it."""
+    import argparse
 
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as local_cluster,
-        Client(local_cluster) as client,
-    ):
+    from bluesky_analysis_store.cli._cluster import reprocess_executor
+
+    with reprocess_executor(argparse.Namespace(workers=2, scheduler=None)) as client:
         yield client
 
 
@@ -225,6 +222,13 @@ def _thread_stacks() -> str:
     )
 
 
+def _profiling() -> bool:
+    """Whether this Dask worker samples its threads' stacks (run by ``cluster.run``)."""
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
 def within(seconds: float, cluster: Any, call: Any) -> Any:
     """``call()``, failed with the stacks of the cluster's workers if it has not returned
     within ``seconds``: a batch that hangs says where its tasks are."""
@@ -261,6 +265,7 @@ def test_a_worker_killed_mid_batch_leaves_every_run_saved_exactly_once(
     target = kill_target
     worker_pids = set(cluster.run(os.getpid).values())
     assert len(worker_pids) == 2
+    assert set(cluster.run(_profiling).values()) == {False}  # no dashboard shows it
     held = pathlib.Path(hold_file(str(hold_folder), batch[HELD_RUN]))
     held.unlink(missing_ok=True)  # made by the reference fixture, if it ran first
     reports: list[Any] = []

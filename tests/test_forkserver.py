@@ -1,11 +1,13 @@
 """Worker processes forked from the fork server (``_forkserver``).
 
-Each test has a cache folder of its own, so a fork server of its own: started by the first
-worker it needs (which itself starts from scratch), forked from after that.
+Each test that stops, kills or starts a fork server has a cache folder of its own, so a
+fork server of its own: started by the first worker it needs (which itself starts from
+scratch), forked from after that. The others use the run's (see conftest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,7 +45,9 @@ def parent_pid(pid: int) -> int:
 
 
 def fork_server_pid(path: Path) -> int:
-    """The pid of the process serving ``path`` (the one whose command line names it)."""
+    """The pid of the process serving ``path``: the one whose command line names it, and
+    whose parent's does not (its forked children have the same command line)."""
+    named = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -51,7 +55,11 @@ def fork_server_pid(path: Path) -> int:
             except OSError:
                 continue
             if str(path).encode() in command and b"bluesky_analysis_store._forkserver" in command:
-                return int(entry.name)
+                named.add(int(entry.name))
+    for pid in named:
+        with contextlib.suppress(OSError):
+            if parent_pid(pid) not in named:
+                return pid
     raise LookupError(f"no fork server serves {path}")
 
 
@@ -65,6 +73,14 @@ def own_fork_server(
     path = socket_path()
     yield path
     stop_fork_server(path)
+
+
+@pytest.fixture
+def runs_fork_server(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The pid of the run's fork server (conftest's), for the tests that neither stop nor
+    kill theirs: one fork server fewer to start."""
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    return fork_server_pid(start_fork_server(timeout=HANG))
 
 
 def ended(pid: int) -> bool:
@@ -102,9 +118,9 @@ def reducer_seeing_its_process(data):
 
 
 def test_a_callbacks_worker_is_forked_with_the_sessions_environment_and_folder(
-    own_fork_server, RE, store, tmp_path, monkeypatch  # noqa: N803
+    runs_fork_server, RE, store, tmp_path, monkeypatch  # noqa: N803
 ):
-    server = started_fork_server(own_fork_server)
+    server = runs_fork_server
     monkeypatch.setenv("BAS_TEST_MARKER", "7")  # set after the fork server started
     (tmp_path / "here.txt").write_text("")
     monkeypatch.chdir(tmp_path)
@@ -124,10 +140,9 @@ def test_a_callbacks_worker_is_forked_with_the_sessions_environment_and_folder(
 
 
 def test_a_killed_forked_worker_reports_its_signal_and_a_new_one_is_forked(
-    own_fork_server, store, caplog
+    runs_fork_server, store, caplog
 ):
-    assert start_fork_server() == own_fork_server
-    server = fork_server_pid(own_fork_server)
+    server = runs_fork_server
     callback = AnalysisStoreCallback([reducer_seeing_its_process], store)
     try:
         first = callback.worker_pid
@@ -204,6 +219,24 @@ def test_a_removed_socket_ends_its_fork_server_and_forking_can_be_switched_off(
     assert fork_worker(*_unused_pipe()) is None
     time.sleep(0.5)
     assert not own_fork_server.exists()  # and none was started
+
+
+def test_a_fork_server_stopped_while_it_starts_ends_without_serving(own_fork_server):
+    start_fork_server(timeout=None)  # importing for seconds before it serves
+    pids: list[int] = []
+
+    def found() -> bool:
+        with contextlib.suppress(LookupError):
+            pids.append(fork_server_pid(own_fork_server))
+        return bool(pids)
+
+    eventually(found, "the fork server's process")
+    assert not own_fork_server.exists()  # not serving yet
+    stop_fork_server(own_fork_server)
+    server = pids[0]
+    eventually(lambda: ended(server), "the end of the fork server stopped while starting")
+    assert not own_fork_server.exists()
+    assert not own_fork_server.with_suffix(".starting").exists()
 
 
 def test_a_local_store_server_is_forked_and_without_a_fork_server_started_anew(

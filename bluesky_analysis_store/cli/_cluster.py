@@ -24,7 +24,7 @@ def _distributed(option: str) -> Any:
 def reprocess_executor(args: argparse.Namespace) -> Iterator[Any]:
     """None without ``--workers``/``--scheduler``; else a ``distributed.Client``: of a
     ``LocalCluster`` of N single-threaded worker processes that the command starts and
-    closes (no dashboard), or of the scheduler at ADDRESS."""
+    closes (no dashboard, no profiling), or of the scheduler at ADDRESS."""
     workers = getattr(args, "workers", None)
     scheduler = getattr(args, "scheduler", None)
     if workers is None and scheduler is None:
@@ -42,8 +42,12 @@ def reprocess_executor(args: argparse.Namespace) -> Iterator[Any]:
             yield client
         return
     distributed = _distributed("--workers")
-    cluster = distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-    )
+    import dask
+
+    # With no dashboard, nothing shows the profile each worker samples every 10 ms.
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
     with cluster, distributed.Client(cluster) as client:
         yield client
