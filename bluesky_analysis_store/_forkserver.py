@@ -24,10 +24,12 @@ signal). A request for a local store server sends its log instead, and the child
 
 The session never waits for a fork server to start: when none answers, it starts one for
 later workers and starts this worker from scratch. The socket's name carries a digest of
-the package's code, of the Python, and of the environment variables that libraries read
-when imported (``TILED_*``, ``DASK_*``): other code or settings get a fork server of their
-own. A fork server with no child left ends after ``$BLUESKY_ANALYSIS_STORE_FORKSERVER_IDLE``
-seconds (default 600), or when its socket is removed.
+the package's code, of the Python, of its site-packages folders (a distribution installed
+or removed), and of the environment variables that libraries read when imported
+(``TILED_*``, ``DASK_*``): other code or settings get a fork server of their own. A fork
+server with no child left ends after ``$BLUESKY_ANALYSIS_STORE_FORKSERVER_IDLE`` seconds
+(default 600), or when its socket is removed (:func:`stop_fork_server`, which also stops
+one that is still starting).
 """
 
 from __future__ import annotations
