@@ -67,6 +67,22 @@ def hold_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Pa
         yield folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _dask_config_restored() -> Iterator[None]:
+    """dask's default scheduler as it was before the module: a test that fails with a
+    ``distributed.Client`` still open (a client sets it) must not leave the modules after
+    it computing on a cluster that is gone."""
+    import dask
+
+    saved = {key: dask.config.get(key, None) for key in ("scheduler", "shuffle")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            dask.config.config.pop(key, None)
+        else:
+            dask.config.set({key: value})
+
+
 @pytest.fixture(scope="module")
 def cluster(hold_folder: pathlib.Path) -> Iterator[Any]:
     """A Dask client of a 2-worker LocalCluster, made as ``reprocess --workers 2`` makes it."""
